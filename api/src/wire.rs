@@ -1,0 +1,111 @@
+//! The gateway's HTTP wire types (`/v1/...`), shared by the gateway and the edge agent.
+//!
+//! Reads are authenticated with a signed request (see [`READ_AUTH_SCHEME`]) rather than a bearer token so
+//! an offline device never holds a credential that can expire while it is away; a device whose clock is
+//! off learns the server's time from the 401 body and retries with an offset.
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::PublicKey;
+use crate::phase::TaskPhase;
+use crate::task::{Approval, ModelSelection, Usage};
+
+/// `Authorization: Agentplane-Ed25519 device=<id>,key=<keyid>,ts=<unix seconds>,sig=<base64>`.
+pub const READ_AUTH_SCHEME: &str = "Agentplane-Ed25519";
+
+/// How far a signed read's timestamp may be from the gateway's clock.
+pub const READ_AUTH_MAX_SKEW_SECS: i64 = 300;
+
+/// The bytes a device signs to read: domain tag, method, path (with query), unix seconds.
+pub fn read_auth_message(method: &str, path_and_query: &str, unix_secs: i64) -> Vec<u8> {
+    format!("agentplane-read-v1\n{method}\n{path_and_query}\n{unix_secs}").into_bytes()
+}
+
+/// Header carrying the W3C trace context from the edge.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// `POST /v1/devices/enroll`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    /// One-time join token handed out by the platform operator.
+    pub join_token: String,
+    /// The device's name (a DNS-1123 label); becomes the EdgeDevice name.
+    pub device_id: String,
+    pub owner: String,
+    pub public_key: PublicKey,
+}
+
+/// Answer to an enrollment (201 for a new device, 200 when the same device and key enroll again).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub device_id: String,
+    pub namespace: String,
+    /// True when this device and key were already enrolled (re-running enroll is harmless).
+    pub already_enrolled: bool,
+    /// Next sequence number the gateway expects is anything above this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
+}
+
+/// `202 Accepted` answer to `POST /v1/intents` (the body is an [`crate::Envelope`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SubmitResponse {
+    pub task_id: String,
+    pub phase: TaskPhase,
+    /// True when this envelope had been accepted before: the existing task is returned, nothing new made.
+    pub duplicate: bool,
+}
+
+/// `GET /v1/tasks/{id}` and each `phase` event of `GET /v1/tasks/{id}/events`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskView {
+    pub task_id: String,
+    pub device_id: String,
+    pub intent_type: String,
+    pub phase: TaskPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSelection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// Body of `POST /v1/tasks/{id}/approve` and `/deny` (approver credential in `Authorization: Bearer`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// Every non-2xx answer: `{"error": {"code": "...", "message": "...", ...}}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `bad_signature`, `device_revoked`, `replayed_seq`.
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The gateway's clock (unix seconds) on auth errors, so a device with a wrong clock can correct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_time: Option<i64>,
+    /// Seconds to wait before retrying (rate limits, overload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}

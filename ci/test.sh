@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make test`: every stage CI runs, each timed. Integration tests start their own real peers through
+# ci/stack.sh (via the agentplane-testsupport crate), so the peers must be built first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+timings=()
+stage() {
+    local name=$1
+    shift
+    local start=$SECONDS
+    echo "==> ${name}"
+    "$@"
+    timings+=("$(printf '%-28s %5ds' "$name" $((SECONDS - start)))")
+}
+log=$(mktemp)
+report() {
+    echo "==> stage timings"
+    printf '    %s\n' "${timings[@]}"
+    # One closing line over every test binary, so a reader need not add up cargo's per-binary lines.
+    awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+    rm -f "$log"
+}
+trap report EXIT
+
+stage "peers (ci/peers.sh)" ci/peers.sh
+stage "cargo fmt --check" cargo fmt --all -- --check
+stage "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+stage "cargo build (tests)" cargo test --workspace --locked --no-run
+run_tests() {
+    cargo test --workspace --locked --no-fail-fast -- --color never 2>&1 | tee "$log"
+}
+stage "cargo test" run_tests
