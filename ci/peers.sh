@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# Builds or installs every real peer the tests run against, once, into a
+# version-keyed cache outside the repo (DESIGN.md §6).
+#
+#   ci/peers.sh            all peers
+#   ci/peers.sh moto etcd  only these
+#
+# A warm run only checks binaries and stamps. Each stamp records the recipe
+# (version, wrapper module contents, RECIPE_REV), so editing a wrapper or a
+# version rebuilds that peer.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${AGENTPLANE_CACHE:-$HOME/.cache/agentplane}
+PEERS=$CACHE/peers
+WRAPPERS=$ROOT/ci/peers
+
+MOTO_VERSION=5.2.5
+ETCD_VERSION=v3.5.27
+KUBE_VERSION=v1.35.4
+TOFU_VERSION=v1.10.10
+TERRAFORM_VERSION=v1.5.7
+CROSSPLANE_VERSION=v2.2.1
+FN_PAT_VERSION=v0.5.0
+FN_AUTO_READY_VERSION=v0.7.0
+HELM_VERSION=v3.22.0
+
+ALL_PEERS=(moto etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
+
+# Go's caches live under the peer cache so one cold peer rebuild reuses the
+# module downloads and compiled packages of the others.
+export GOMODCACHE=$CACHE/go/mod
+export GOCACHE=$CACHE/go/build
+export GOTOOLCHAIN=local
+export GOFLAGS=-buildvcs=false
+export CGO_ENABLED=0
+# Old modules pinned by some peers use go:linkname into the runtime; newer Go
+# refuses that at link time unless told otherwise.
+GO_LDFLAGS_BASE='-s -w -checklinkname=0'
+
+log() { printf '[peers] %s\n' "$*" >&2; }
+die() { printf '[peers] ERROR: %s\n' "$*" >&2; exit 1; }
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# Bump to rebuild every peer after changing how they are built (flags, steps).
+RECIPE_REV=1
+
+# recipe_key NAME VERSION: what the stamp must match for a cached build to count.
+recipe_key() {
+  local name=$1 version=$2
+  {
+    echo "$name $version"
+    if [[ -d $WRAPPERS/$name ]]; then
+      (cd "$WRAPPERS/$name" && find . -type f | LC_ALL=C sort | xargs sha256sum)
+    fi
+    echo "$RECIPE_REV $GO_LDFLAGS_BASE"
+  } | sha256sum | cut -d' ' -f1
+}
+
+# is_warm DIR BIN KEY
+is_warm() {
+  [[ -x $1/$2 && -f $1/.stamp && "$(cat "$1/.stamp")" == "$3" ]]
+}
+
+# go_wrapper_build NAME DIR OUT PKG MODULE VERSION [LDFLAGS]: builds PKG inside a
+# scratch copy of the wrapper module ci/peers/NAME with -mod=readonly (its
+# committed go.sum is complete, so nothing resolves differently later), after
+# checking the wrapper pins MODULE at the VERSION this script
+# advertises, so the two cannot drift apart.
+go_wrapper_build() {
+  local name=$1 dir=$2 out=$3 pkg=$4 module=$5 version=$6 ldflags=${7:-}
+  local work
+  [[ -f $WRAPPERS/$name/go.mod ]] || { echo "no wrapper module $WRAPPERS/$name/go.mod"; return 1; }
+  if ! grep -qE "^(require)?[[:space:]]*${module//./\\.} ${version//./\\.}([[:space:]]|$)" "$WRAPPERS/$name/go.mod"; then
+    echo "$WRAPPERS/$name/go.mod does not require $module $version"
+    return 1
+  fi
+  work=$(mktemp -d "$CACHE/build.$name.XXXXXX")
+  cp -r "$WRAPPERS/$name/." "$work/"
+  local rc=0
+  (cd "$work" && nice -n 10 go build -mod=readonly -trimpath -ldflags "$GO_LDFLAGS_BASE $ldflags" -o "$dir/$out" "$pkg") || rc=$?
+  rm -rf "$work"
+  return $rc
+}
+
+# go_install_build DIR OUT MODPKG@VERSION [LDFLAGS]: modules whose own go.mod
+# builds as is (no replace directives), so `go install pkg@version` pins
+# exactly the upstream dependency versions.
+go_install_build() {
+  local dir=$1 out=$2 target=$3 ldflags=${4:-}
+  local gobin
+  gobin=$(mktemp -d "$CACHE/gobin.XXXXXX")
+  local rc=0
+  { GOBIN=$gobin nice -n 10 go install -trimpath -ldflags "$GO_LDFLAGS_BASE $ldflags" "$target" &&
+    mv "$gobin/$(basename "${target%@*}")" "$dir/$out"; } || rc=$?
+  rm -rf "$gobin"
+  return $rc
+}
+
+build_moto() {
+  local dir=$1
+  python3 -m venv "$dir/venv"
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check \
+    -c "$WRAPPERS/moto/constraints.txt" "moto[server]==$MOTO_VERSION"
+  ln -sf venv/bin/moto_server "$dir/moto_server"
+}
+
+build_etcd() {
+  # The checksum database behind the module proxy does not answer for some
+  # etcd 3.5 submodules; the wrapper's committed go.sum pins them instead
+  # (this only matters when go.sum is regenerated with `go mod tidy`).
+  GONOSUMDB=go.etcd.io/etcd go_wrapper_build etcd "$1" etcd ./ go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+}
+
+build_kube_apiserver() {
+  local v=${KUBE_VERSION#v} p=k8s.io/component-base/version
+  local major=${v%%.*} minor
+  minor=${v#*.}; minor=${minor%%.*}
+  go_wrapper_build kube-apiserver "$1" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes "$KUBE_VERSION" \
+    "-X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$minor \
+     -X $p.gitTreeState=clean -X $p.gitCommit=0000000000000000000000000000000000000000 \
+     -X $p.buildDate=1970-01-01T00:00:00Z \
+     -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION \
+     -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+}
+
+build_tofu() {
+  go_wrapper_build tofu "$1" tofu github.com/opentofu/opentofu/cmd/tofu \
+    github.com/opentofu/opentofu "$TOFU_VERSION" \
+    "-X github.com/opentofu/opentofu/version.dev=no"
+}
+
+build_terraform() {
+  # 1.5.7 marks a release by an empty Prerelease, its default; no ldflags needed.
+  go_wrapper_build terraform "$1" terraform github.com/hashicorp/terraform \
+    github.com/hashicorp/terraform "$TERRAFORM_VERSION"
+}
+
+build_crossplane() {
+  go_wrapper_build crossplane "$1" crossplane github.com/crossplane/crossplane/v2/cmd/crank \
+    github.com/crossplane/crossplane/v2 "$CROSSPLANE_VERSION" \
+    "-X github.com/crossplane/crossplane/v2/internal/version.version=$CROSSPLANE_VERSION"
+}
+
+build_fn_patch_and_transform() {
+  go_wrapper_build fn-patch-and-transform "$1" function-patch-and-transform \
+    github.com/crossplane-contrib/function-patch-and-transform \
+    github.com/crossplane-contrib/function-patch-and-transform "$FN_PAT_VERSION"
+}
+
+build_fn_auto_ready() {
+  go_wrapper_build fn-auto-ready "$1" function-auto-ready github.com/crossplane/function-auto-ready \
+    github.com/crossplane/function-auto-ready "$FN_AUTO_READY_VERSION"
+}
+
+build_helm() {
+  go_install_build "$1" helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
+    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+}
+
+# peer_info NAME -> "VERSION BINARY ENVVAR"
+peer_info() {
+  case $1 in
+    moto) echo "$MOTO_VERSION moto_server AGENTPLANE_MOTO_SERVER" ;;
+    etcd) echo "$ETCD_VERSION etcd AGENTPLANE_ETCD" ;;
+    kube-apiserver) echo "$KUBE_VERSION kube-apiserver AGENTPLANE_KUBE_APISERVER" ;;
+    tofu) echo "$TOFU_VERSION tofu AGENTPLANE_TOFU" ;;
+    terraform) echo "$TERRAFORM_VERSION terraform AGENTPLANE_TERRAFORM" ;;
+    crossplane) echo "$CROSSPLANE_VERSION crossplane AGENTPLANE_CROSSPLANE" ;;
+    fn-patch-and-transform) echo "$FN_PAT_VERSION function-patch-and-transform AGENTPLANE_FN_PATCH_AND_TRANSFORM" ;;
+    fn-auto-ready) echo "$FN_AUTO_READY_VERSION function-auto-ready AGENTPLANE_FN_AUTO_READY" ;;
+    helm) echo "$HELM_VERSION helm AGENTPLANE_HELM" ;;
+    *) return 1 ;;
+  esac
+}
+
+ensure_peer() {
+  local name=$1 version bin var dir key start
+  read -r version bin var < <(peer_info "$name") || die "unknown peer '$name' (known: ${ALL_PEERS[*]})"
+  dir=$PEERS/$name-$version
+  key=$(recipe_key "$name" "$version")
+  start=$(now)
+  if is_warm "$dir" "$bin" "$key"; then
+    log "$name $version: cached ($(elapsed "$start")s)"
+    return 0
+  fi
+  check_tools "$name"
+  log "$name $version: building into $dir"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  # A subshell outside any `if`, so errexit holds inside the build function.
+  local rc=0
+  set +e
+  (set -e && "build_${name//-/_}" "$dir") >"$dir/build.log" 2>&1
+  rc=$?
+  set -e
+  if ((rc != 0)); then
+    tail -n 40 "$dir/build.log" >&2
+    die "$name $version failed to build (full log: $dir/build.log)"
+  fi
+  [[ -x $dir/$bin ]] || die "$name $version: build finished but $dir/$bin is missing"
+  echo "$key" >"$dir/.stamp"
+  log "$name $version: built in $(elapsed "$start")s"
+}
+
+write_env() {
+  local env=$PEERS/peers.env tmp name version bin var dir
+  tmp=$(mktemp "$PEERS/peers.env.XXXXXX")
+  echo "# Written by ci/peers.sh; paths of the real peers the tests run." >"$tmp"
+  for name in "${ALL_PEERS[@]}"; do
+    read -r version bin var < <(peer_info "$name")
+    dir=$PEERS/$name-$version
+    # Peers not built in this run stay listed if an earlier run built them;
+    # the stamp is written only after a build succeeded.
+    if [[ -x $dir/$bin && -f $dir/.stamp ]]; then
+      echo "export $var=$dir/$bin" >>"$tmp"
+    fi
+  done
+  chmod 644 "$tmp"
+  mv "$tmp" "$env"
+}
+
+# The newest go directive among the wrappers (crossplane's); with
+# GOTOOLCHAIN=local an older Go would fail deep inside a build instead.
+MIN_GO=1.25.9
+
+check_tools() {
+  local name=$1 tool
+  case $name in
+    moto) tool=python3 ;;
+    *) tool=go ;;
+  esac
+  command -v "$tool" >/dev/null || die "$name needs '$tool' on PATH"
+  if [[ $tool == go ]]; then
+    local have
+    have=$(go env GOVERSION) || die "cannot run 'go env GOVERSION'"
+    have=${have#go}
+    [[ $(printf '%s\n%s\n' "$MIN_GO" "$have" | sort -V | head -n1) == "$MIN_GO" ]] ||
+      die "Go $have is older than the $MIN_GO these peers need"
+  else
+    python3 -c 'import venv, ensurepip' 2>/dev/null ||
+      die "python3 cannot create venvs (on Debian/Ubuntu: apt-get install python3-venv)"
+  fi
+}
+
+main() {
+  case ${1:-} in
+    -h | --help)
+      sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      echo "peers: ${ALL_PEERS[*]}"
+      return 0
+      ;;
+  esac
+  mkdir -p "$PEERS" "$GOMODCACHE" "$GOCACHE"
+  local names=("$@") total
+  [[ ${#names[@]} -gt 0 ]] || names=("${ALL_PEERS[@]}")
+  for name in "${names[@]}"; do
+    peer_info "$name" >/dev/null || die "unknown peer '$name' (known: ${ALL_PEERS[*]})"
+  done
+  total=$(now)
+  # peers.env is rewritten after every peer (and on failure), so a peer that
+  # built is usable at once and a later failure does not hide it.
+  trap write_env EXIT
+  for name in "${names[@]}"; do
+    ensure_peer "$name"
+    write_env
+  done
+  trap - EXIT
+  log "wrote $PEERS/peers.env; total: $(elapsed "$total")s"
+}
+
+main "$@"

@@ -1,0 +1,6 @@
+//go:build tools
+
+// Keeps the built command in the module graph for go mod tidy.
+package tools
+
+import _ "github.com/crossplane/crossplane/v2/cmd/crank"
