@@ -1,0 +1,13 @@
+//! agentplane's cloud runtime: the device gateway, the controller, the worker, the policy engine and
+//! their store and queue backends. The `agentplane` binary wires these into its subcommands.
+
+pub mod client;
+pub mod controller;
+pub mod gateway;
+pub mod metrics;
+pub mod models;
+pub mod policy;
+pub mod queue;
+pub mod runtime;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,59 @@
+//! `agentplane`: the cloud runtime binary.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod crdgen;
+mod dev;
+
+/// agentplane cloud runtime: verifies signed intents, applies policy, queues and runs agent tasks.
+#[derive(Parser, Debug)]
+#[command(name = "agentplane", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write the CustomResourceDefinitions as YAML, one file per CRD.
+    Crdgen {
+        /// Directory to write into (created if missing).
+        #[arg(long, default_value = "charts/agentplane/crds")]
+        out: PathBuf,
+        /// Print every CRD to stdout as one multi-document YAML stream instead of writing files.
+        #[arg(long)]
+        stdout: bool,
+    },
+    /// Run gateway + controller + worker in one process on an embedded SQLite store (no cluster).
+    Dev(Box<dev::DevArgs>),
+    /// Scripted demo device: enrolls, submits signed intents, prints each task's phases and result.
+    #[command(hide = true)]
+    DevClient(dev::DevClientArgs),
+    /// Benchmark of the embedded runtime over HTTP (ci/bench/runtime).
+    #[command(hide = true)]
+    DevBench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crdgen { out, stdout } => {
+            if stdout {
+                print!("{}", crdgen::render_stream()?);
+            } else {
+                for (path, _) in crdgen::write_all(&out)
+                    .with_context(|| format!("writing CRDs into {}", out.display()))?
+                {
+                    println!("wrote {}", path.display());
+                }
+            }
+        }
+        Command::Dev(args) => dev::run(*args)?,
+        Command::DevClient(args) => dev::run_client(args)?,
+        Command::DevBench(args) => bench::run(args)?,
+    }
+    Ok(())
+}

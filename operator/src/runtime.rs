@@ -1,0 +1,277 @@
+//! The embedded runtime behind `agentplane dev`: gateway + controller + worker in one process over the
+//! SQLite store and queue. Same state machine, policy and HTTP API as the distributed runtime.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane_api::policy::{
+    AgentPolicySpec, EndpointKind, IntentRule, ModelTier, RateLimitAction, UnlistedIntents,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::Controller;
+use crate::gateway::serve::{self, ServeError, TlsFiles};
+use crate::gateway::{self, AppState, GatewayConfig};
+use crate::metrics::Metrics;
+use crate::models::Models;
+use crate::queue::DynQueue;
+use crate::queue::sqlite::{Redrive, SqliteQueue};
+use crate::store::sqlite::{Db, SqliteStore};
+use crate::store::{DynStore, StoreError, hash_secret};
+use crate::worker::{Worker, WorkerConfig};
+
+pub const QUEUE_NAME: &str = "tasks";
+pub const DEAD_LETTER_QUEUE_NAME: &str = "tasks-dlq";
+
+#[derive(Clone, Debug)]
+pub struct EmbeddedConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub namespace: String,
+    /// Join tokens to accept (in addition to any already stored). When empty, one is generated.
+    pub join_tokens: Vec<String>,
+    pub join_token_ttl: Duration,
+    pub tls: Option<TlsFiles>,
+    pub gateway: GatewayConfig,
+    pub worker: WorkerConfig,
+    pub max_receive_count: u32,
+    pub resync: Duration,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            data_dir: PathBuf::from(".agentplane"),
+            namespace: "default".into(),
+            join_tokens: Vec::new(),
+            join_token_ttl: Duration::from_secs(3600),
+            tls: None,
+            gateway: GatewayConfig::default(),
+            worker: WorkerConfig::default(),
+            max_receive_count: 3,
+            resync: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("data directory {path} is in use by another agentplane process")]
+    Locked { path: PathBuf },
+    #[error("no randomness for a join token: {0}")]
+    Random(String),
+}
+
+/// A running embedded runtime.
+pub struct Embedded {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub store: DynStore,
+    pub queue: DynQueue,
+    pub metrics: Arc<Metrics>,
+    /// The join token generated at start-up, when none was configured.
+    pub generated_join_token: Option<String>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    /// Held while running: one process per data directory (see `release_orphaned_leases`).
+    _lock: std::fs::File,
+}
+
+/// The policy seeded into an empty data directory: everything on the builtin echo model, `purchase`
+/// needs approval, `shell` is refused, and `admin` may approve.
+pub fn default_policy() -> AgentPolicySpec {
+    let rule = |kind: &str, allowed: bool, requires_approval: bool| IntentRule {
+        kind: kind.into(),
+        allowed,
+        requires_approval,
+        privacy_levels: vec![],
+        rate_limits: vec![],
+        on_rate_limit: RateLimitAction::Deny,
+    };
+    AgentPolicySpec {
+        suspend: false,
+        intents: vec![rule("purchase", true, true), rule("shell", false, false)],
+        unlisted_intents: UnlistedIntents::Allow,
+        models: vec![ModelTier {
+            name: "builtin".into(),
+            endpoint_kind: EndpointKind::Builtin,
+            endpoint: "builtin:echo".into(),
+            model: None,
+            price_per_1k_input_micros: 100,
+            price_per_1k_output_micros: 200,
+            privacy_levels: vec![],
+            gpu: false,
+            secret_ref: None,
+        }],
+        budgets: vec![],
+        approvers: vec!["admin".into()],
+    }
+}
+
+/// A random URL-safe secret (join tokens, approver tokens).
+pub fn random_token() -> Result<String, RuntimeError> {
+    let mut b = [0u8; 24];
+    getrandom::fill(&mut b).map_err(|e| RuntimeError::Random(e.to_string()))?;
+    Ok(hex::encode(b))
+}
+
+/// Takes the data directory's exclusive lock (released by the OS when the process dies, even by SIGKILL).
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, RuntimeError> {
+    let path = dir.join("agentplane.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| RuntimeError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RuntimeError::Locked {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(RuntimeError::DataDir { path, source }),
+    }
+}
+
+impl Embedded {
+    pub async fn start(cfg: EmbeddedConfig) -> Result<Embedded, RuntimeError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| RuntimeError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let lock = lock_data_dir(&cfg.data_dir)?;
+        let db = Db::open(&cfg.data_dir.join("agentplane.sqlite"))?;
+        let store: DynStore = SqliteStore::new(db.clone(), cfg.namespace.clone());
+        let main_queue = SqliteQueue::new(
+            db.clone(),
+            QUEUE_NAME,
+            Some(Redrive {
+                dead_letter_queue: DEAD_LETTER_QUEUE_NAME.into(),
+                max_receive_count: cfg.max_receive_count.max(1),
+            }),
+        );
+        let orphaned = main_queue
+            .release_orphaned_leases()
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        if orphaned > 0 {
+            tracing::info!(
+                orphaned,
+                "made messages leased before the last stop visible again"
+            );
+        }
+        let queue: DynQueue = main_queue;
+        let dead_letters: DynQueue = SqliteQueue::new(db, DEAD_LETTER_QUEUE_NAME, None);
+
+        if store.get_policy().await?.is_none() {
+            tracing::info!("no AgentPolicy yet; seeding the default policy");
+            store.put_policy(default_policy()).await?;
+        }
+        let now = jiff::Timestamp::now();
+        let expires = jiff::SignedDuration::try_from(cfg.join_token_ttl)
+            .ok()
+            .and_then(|ttl| now.checked_add(ttl).ok())
+            .unwrap_or(jiff::Timestamp::MAX);
+        let mut generated_join_token = None;
+        let mut tokens = cfg.join_tokens.clone();
+        if tokens.is_empty() {
+            let t = random_token()?;
+            generated_join_token = Some(t.clone());
+            tokens.push(t);
+        }
+        for t in &tokens {
+            store.add_join_token(&hash_secret(t), expires).await?;
+        }
+
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let bound = serve::bind(cfg.listen, cfg.tls.as_ref()).await?;
+        let addr = bound.local_addr().map_err(ServeError::Io)?;
+        let tls = bound.is_tls();
+        let router = gateway::router(AppState::new(
+            store.clone(),
+            metrics.clone(),
+            cfg.gateway.clone(),
+            shutdown.clone(),
+        ));
+
+        let mut tasks = Vec::new();
+        let s = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve::serve(bound, router, s).await {
+                tracing::error!(error = %e, "gateway stopped with an error");
+            }
+        }));
+        let controller = Controller {
+            store: store.clone(),
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            resync: cfg.resync,
+        };
+        tasks.push(tokio::spawn(controller.run(shutdown.clone())));
+        let worker = Arc::new(Worker {
+            store: store.clone(),
+            queue: queue.clone(),
+            dead_letters,
+            models: Arc::new(Models::default()),
+            metrics: metrics.clone(),
+            config: cfg.worker.clone(),
+        });
+        tasks.push(tokio::spawn(worker.run(shutdown.clone())));
+        tracing::info!(%addr, tls, data_dir = %cfg.data_dir.display(), "agentplane dev runtime started");
+        Ok(Embedded {
+            addr,
+            tls,
+            store,
+            queue,
+            metrics,
+            generated_join_token,
+            shutdown,
+            tasks,
+            _lock: lock,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
+    }
+
+    /// A token that cancels when the runtime is asked to stop.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting work, lets in-flight requests and attempts finish (bounded), and returns.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a runtime task did not stop within 10 s");
+            }
+        }
+    }
+}

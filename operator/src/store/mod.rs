@@ -1,0 +1,226 @@
+//! The task store: tasks, devices, the namespace's policy and enrollment join tokens.
+//!
+//! Two implementations share this trait: the embedded SQLite store (`sqlite`) used by `agentplane dev`,
+//! and (issue 3) the Kubernetes API, where a record is a custom resource. The trait is shaped so that
+//! mapping stays direct:
+//! - [`Version`] is an opaque token, the resourceVersion in Kubernetes; every write that depends on
+//!   what was read is conditional on it, which is what makes a worker's completion write exactly-once.
+//! - Status writes go through [`TaskStore::update_task_status`] (the status subresource), spec changes
+//!   only through [`TaskStore::request_cancel`] (the one mutable spec field).
+//! - [`TaskStore::changes`] is the watch: a best-effort wake-up signal, never the source of truth.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use agentplane_api::TaskPhase;
+use agentplane_api::device::{EdgeDeviceSpec, EdgeDeviceStatus};
+use agentplane_api::policy::AgentPolicySpec;
+use agentplane_api::task::{AgentTaskSpec, AgentTaskStatus};
+use async_trait::async_trait;
+use jiff::Timestamp;
+use tokio::sync::broadcast;
+
+/// Opaque version of a stored record (a Kubernetes resourceVersion in the distributed backend).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One AgentTask as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRecord {
+    /// The task id, which is also the object name.
+    pub id: String,
+    pub spec: AgentTaskSpec,
+    pub status: AgentTaskStatus,
+    /// When the store accepted the task (metadata.creationTimestamp): keys are checked as of this instant.
+    pub created_at: Timestamp,
+    pub version: Version,
+}
+
+impl TaskRecord {
+    pub fn phase(&self) -> TaskPhase {
+        self.status.phase()
+    }
+}
+
+/// One EdgeDevice as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceRecord {
+    pub name: String,
+    pub spec: EdgeDeviceSpec,
+    pub status: EdgeDeviceStatus,
+    pub version: Version,
+}
+
+/// A task the gateway wants to admit.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    pub id: String,
+    pub spec: AgentTaskSpec,
+    /// The signed per-device sequence number.
+    pub seq: u64,
+    pub trace_id: Option<String>,
+}
+
+/// What admitting a task did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// A new task was stored and the device's lastSeq moved to its seq.
+    Created(TaskRecord),
+    /// A task with this id already exists; nothing was written.
+    Existing(TaskRecord),
+    /// The task id is new but its seq is not above the device's lastSeq: a replay (or an outbox sent
+    /// out of order). Nothing was written.
+    SeqReplay { last_seq: u64 },
+}
+
+/// A device to register with a one-time join token.
+#[derive(Clone, Debug)]
+pub struct Enrollment {
+    pub token_hash: String,
+    pub device_id: String,
+    pub spec: EdgeDeviceSpec,
+}
+
+/// What enrolling did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EnrollOutcome {
+    Created(DeviceRecord),
+    /// The same device enrolled again with the same key: nothing changed.
+    AlreadyEnrolled(DeviceRecord),
+    /// The token is unknown, expired, or was spent by another device.
+    InvalidToken,
+    /// The device name is taken by a device with different keys.
+    NameTaken,
+}
+
+/// A change to a task, published after the write commits. Receivers may lag and miss some: they
+/// then re-read (a lagged receiver gets `RecvError::Lagged` and must resync).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskChanged {
+    pub id: String,
+    pub phase: TaskPhase,
+    pub cancel_requested: bool,
+    /// The task as written. Events arrive in commit order per task, so the newest event carries the
+    /// newest state; consumers may act on it without re-reading (their writes stay conditional).
+    pub task: Arc<TaskRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record changed since it was read (resourceVersion mismatch). Re-read and decide again.
+    #[error("{kind} {id} changed since it was read (expected version {expected})")]
+    Conflict {
+        kind: &'static str,
+        id: String,
+        expected: String,
+    },
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    /// A status write that the phase machine refuses; nothing was written.
+    #[error("task {id}: phase {from} cannot move to {to}")]
+    IllegalTransition {
+        id: String,
+        from: TaskPhase,
+        to: TaskPhase,
+    },
+    /// The backend failed (I/O, corruption, the API server): a server fault, retried by callers.
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    pub fn backend(e: impl std::fmt::Display) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// Tasks, devices, policy and join tokens of one namespace.
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    /// The namespace this store serves.
+    fn namespace(&self) -> &str;
+
+    /// Admits a task under the per-device replay rule, atomically with moving the device's lastSeq.
+    /// Implementations that cannot do both in one transaction (Kubernetes) must create the task first
+    /// and then move lastSeq conditionally, deleting the task if that loses: a crash in between leaves
+    /// a task whose resubmission is answered as `Existing`, never a burnt seq.
+    async fn admit(&self, task: NewTask) -> Result<Admission, StoreError>;
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Tasks not in a terminal phase, for resyncs.
+    async fn list_unfinished(&self) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Writes a task's status if its version is still `expected`. The phase change must be an edge of
+    /// the phase machine ([`TaskPhase::can_move_to`]); implementations check it again inside the write.
+    async fn update_task_status(
+        &self,
+        id: &str,
+        expected: &Version,
+        status: AgentTaskStatus,
+    ) -> Result<TaskRecord, StoreError>;
+
+    /// Sets `spec.cancel = true` (idempotent).
+    async fn request_cancel(&self, id: &str) -> Result<TaskRecord, StoreError>;
+
+    async fn get_device(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError>;
+
+    /// Creates or replaces a device's spec (administration: rotation, revocation, tests).
+    async fn put_device(
+        &self,
+        name: &str,
+        spec: EdgeDeviceSpec,
+    ) -> Result<DeviceRecord, StoreError>;
+
+    /// Spends a join token on a device, atomically.
+    async fn enroll(&self, enrollment: Enrollment) -> Result<EnrollOutcome, StoreError>;
+
+    /// Stores a join token (only its hash), valid until `expires_at`. Idempotent for an unspent token.
+    async fn add_join_token(
+        &self,
+        token_hash: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// The namespace's AgentPolicy (`default`), if any.
+    async fn get_policy(&self) -> Result<Option<AgentPolicySpec>, StoreError>;
+
+    async fn put_policy(&self, spec: AgentPolicySpec) -> Result<(), StoreError>;
+
+    /// Subscribes to task changes.
+    fn changes(&self) -> broadcast::Receiver<TaskChanged>;
+}
+
+pub type DynStore = Arc<dyn TaskStore>;
+
+/// Writes a status after checking the phase machine, so an illegal move is refused before any I/O.
+pub async fn write_status(
+    store: &dyn TaskStore,
+    task: &TaskRecord,
+    status: AgentTaskStatus,
+) -> Result<TaskRecord, StoreError> {
+    let (from, to) = (task.phase(), status.phase());
+    if !from.can_move_to(to) {
+        return Err(StoreError::IllegalTransition {
+            id: task.id.clone(),
+            from,
+            to,
+        });
+    }
+    store
+        .update_task_status(&task.id, &task.version, status)
+        .await
+}
+
+/// SHA-256 of a secret (join tokens, approver tokens), hex: only hashes are stored or compared.
+pub fn hash_secret(secret: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
