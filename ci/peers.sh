@@ -16,6 +16,7 @@ PEERS=$CACHE/peers
 WRAPPERS=$ROOT/ci/peers
 
 MOTO_VERSION=5.2.5
+SCHEMATHESIS_VERSION=4.32.5
 ETCD_VERSION=v3.5.27
 KUBE_VERSION=v1.35.4
 TOFU_VERSION=v1.10.10
@@ -25,7 +26,7 @@ FN_PAT_VERSION=v0.5.0
 FN_AUTO_READY_VERSION=v0.7.0
 HELM_VERSION=v3.22.0
 
-ALL_PEERS=(moto etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
+ALL_PEERS=(moto schemathesis etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
 # module downloads and compiled packages of the others.
@@ -107,6 +108,14 @@ build_moto() {
   ln -sf venv/bin/moto_server "$dir/moto_server"
 }
 
+build_schemathesis() {
+  local dir=$1
+  python3 -m venv "$dir/venv"
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check \
+    -c "$WRAPPERS/schemathesis/constraints.txt" "schemathesis==$SCHEMATHESIS_VERSION"
+  ln -sf venv/bin/st "$dir/st"
+}
+
 build_etcd() {
   # The checksum database behind the module proxy does not answer for some
   # etcd 3.5 submodules; the wrapper's committed go.sum pins them instead
@@ -165,6 +174,7 @@ build_helm() {
 peer_info() {
   case $1 in
     moto) echo "$MOTO_VERSION moto_server AGENTPLANE_MOTO_SERVER" ;;
+    schemathesis) echo "$SCHEMATHESIS_VERSION st AGENTPLANE_SCHEMATHESIS" ;;
     etcd) echo "$ETCD_VERSION etcd AGENTPLANE_ETCD" ;;
     kube-apiserver) echo "$KUBE_VERSION kube-apiserver AGENTPLANE_KUBE_APISERVER" ;;
     tofu) echo "$TOFU_VERSION tofu AGENTPLANE_TOFU" ;;
@@ -230,7 +240,7 @@ MIN_GO=1.25.9
 check_tools() {
   local name=$1 tool
   case $name in
-    moto) tool=python3 ;;
+    moto | schemathesis) tool=python3 ;;
     *) tool=go ;;
   esac
   command -v "$tool" >/dev/null || die "$name needs '$tool' on PATH"

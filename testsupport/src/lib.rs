@@ -64,6 +64,7 @@ pub enum Error {
 /// Peer name as tests say it, and the variable `ci/peers.sh` writes for it.
 const PEERS: &[(&str, &str)] = &[
     ("moto_server", "AGENTPLANE_MOTO_SERVER"),
+    ("schemathesis", "AGENTPLANE_SCHEMATHESIS"),
     ("etcd", "AGENTPLANE_ETCD"),
     ("kube-apiserver", "AGENTPLANE_KUBE_APISERVER"),
     ("tofu", "AGENTPLANE_TOFU"),
