@@ -146,6 +146,13 @@ fn resolve_peer(
     Ok(path)
 }
 
+/// Picks rustls' process-wide crypto provider. The workspace builds rustls with both ring (the
+/// provider's and edge agent's choice) and aws-lc-rs (the gateway's), and with two compiled in rustls
+/// refuses to guess, so kube's client would fail to build its TLS config. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A `Command` for a peer's CLI (e.g. `tofu`, `crossplane`, `helm`).
 pub fn peer_command(peer: &str) -> Result<Command, Error> {
     Ok(Command::new(peer_path(peer)?))
@@ -265,6 +272,7 @@ impl Stack {
 
     /// A kube client authenticated as a `system:masters` member.
     pub async fn kube_client(&self) -> Result<kube::Client, Error> {
+        install_crypto_provider();
         let path = self.kubeconfig_path();
         let kubeconfig =
             kube::config::Kubeconfig::read_from(&path).map_err(|source| Error::Kubeconfig {
