@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# CI runs in a fresh clone each time; keep Cargo's build outputs in the peer cache (keyed by the
+# toolchain) so a warm CI recompiles only what changed, as a developer's ./target does.
+if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
+    rustc_version=$(rustc --version | awk '{print $2}')
+    export CARGO_TARGET_DIR="${AGENTPLANE_CACHE:-$HOME/.cache/agentplane}/cargo-target/rustc-${rustc_version}"
+    echo "==> CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
+fi
+
 timings=()
 stage() {
     local name=$1
