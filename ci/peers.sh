@@ -25,8 +25,9 @@ CROSSPLANE_VERSION=v2.2.1
 FN_PAT_VERSION=v0.5.0
 FN_AUTO_READY_VERSION=v0.7.0
 HELM_VERSION=v3.22.0
+PLAYWRIGHT_VERSION=1.65.1
 
-ALL_PEERS=(moto schemathesis etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
+ALL_PEERS=(moto schemathesis chromium playwright-core etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
 # module downloads and compiled packages of the others.
@@ -116,6 +117,26 @@ build_schemathesis() {
   ln -sf venv/bin/st "$dir/st"
 }
 
+# Debian's chromium, for the edge UI test (headless). A system package, not a cache entry: the
+# "build" links the installed binary into the cache so peers.env can name it like any other peer.
+build_chromium() {
+  local dir=$1
+  if [[ ! -x /usr/bin/chromium ]]; then
+    [[ $(id -u) -eq 0 ]] || { echo "chromium is missing: run 'apt-get install -y chromium' as root"; return 1; }
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+  ln -sf /usr/bin/chromium "$dir/chromium"
+}
+
+# playwright-core drives the system chromium; it never downloads a browser of its own.
+build_playwright_core() {
+  local dir=$1
+  cp "$WRAPPERS/playwright-core/package.json" "$WRAPPERS/playwright-core/package-lock.json" "$dir/"
+  (cd "$dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
+  ln -sf node_modules/.bin/playwright-core "$dir/playwright-core"
+}
+
 build_etcd() {
   # The checksum database behind the module proxy does not answer for some
   # etcd 3.5 submodules; the wrapper's committed go.sum pins them instead
@@ -175,6 +196,8 @@ peer_info() {
   case $1 in
     moto) echo "$MOTO_VERSION moto_server AGENTPLANE_MOTO_SERVER" ;;
     schemathesis) echo "$SCHEMATHESIS_VERSION st AGENTPLANE_SCHEMATHESIS" ;;
+    chromium) echo "debian chromium AGENTPLANE_CHROMIUM" ;;
+    playwright-core) echo "$PLAYWRIGHT_VERSION playwright-core AGENTPLANE_PLAYWRIGHT_CORE" ;;
     etcd) echo "$ETCD_VERSION etcd AGENTPLANE_ETCD" ;;
     kube-apiserver) echo "$KUBE_VERSION kube-apiserver AGENTPLANE_KUBE_APISERVER" ;;
     tofu) echo "$TOFU_VERSION tofu AGENTPLANE_TOFU" ;;
@@ -241,6 +264,8 @@ check_tools() {
   local name=$1 tool
   case $name in
     moto | schemathesis) tool=python3 ;;
+    chromium) tool=bash ;;
+    playwright-core) tool=npm ;;
     *) tool=go ;;
   esac
   command -v "$tool" >/dev/null || die "$name needs '$tool' on PATH"
@@ -250,7 +275,7 @@ check_tools() {
     have=${have#go}
     [[ $(printf '%s\n%s\n' "$MIN_GO" "$have" | sort -V | head -n1) == "$MIN_GO" ]] ||
       die "Go $have is older than the $MIN_GO these peers need"
-  else
+  elif [[ $tool == python3 ]]; then
     python3 -c 'import venv, ensurepip' 2>/dev/null ||
       die "python3 cannot create venvs (on Debian/Ubuntu: apt-get install python3-venv)"
   fi

@@ -65,6 +65,8 @@ pub enum Error {
 const PEERS: &[(&str, &str)] = &[
     ("moto_server", "AGENTPLANE_MOTO_SERVER"),
     ("schemathesis", "AGENTPLANE_SCHEMATHESIS"),
+    ("chromium", "AGENTPLANE_CHROMIUM"),
+    ("playwright-core", "AGENTPLANE_PLAYWRIGHT_CORE"),
     ("etcd", "AGENTPLANE_ETCD"),
     ("kube-apiserver", "AGENTPLANE_KUBE_APISERVER"),
     ("tofu", "AGENTPLANE_TOFU"),
