@@ -1,0 +1,192 @@
+//! The sender against a gateway that answers 5xx, then garbage, then recovers: it backs off (no tight
+//! loop), keeps every intent, reports the device offline, and delivers everything in sequence order once
+//! the gateway answers properly. The gateway here is an in-test axum handler because the real one does
+//! not misbehave on demand; the happy path is tested against the real `agentplane dev` (e2e_dev.rs).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentplane_api::wire::{SubmitResponse, TaskView};
+use agentplane_api::{Envelope, TaskPhase};
+use agentplane_edge::backoff::Backoff;
+use agentplane_edge::capture::{Capturer, IntentRequest, LocalPolicy};
+use agentplane_edge::gateway::GatewayClient;
+use agentplane_edge::identity::SoftKey;
+use agentplane_edge::outbox::{EntryState, Outbox, OutboxConfig};
+use agentplane_edge::sender::{Link, Sender, SenderConfig};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    ServerError,
+    Garbage,
+    Accept,
+}
+
+#[derive(Clone)]
+struct Gw {
+    mode: Arc<Mutex<Mode>>,
+    hits: Arc<AtomicUsize>,
+    accepted_seqs: Arc<Mutex<Vec<u64>>>,
+}
+
+async fn submit(State(gw): State<Gw>, body: Bytes) -> Response {
+    gw.hits.fetch_add(1, Ordering::SeqCst);
+    let mode = *gw.mode.lock().unwrap();
+    match mode {
+        Mode::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        Mode::Garbage => (StatusCode::OK, "<html>definitely not json").into_response(),
+        Mode::Accept => {
+            let env = Envelope::parse(&body).unwrap();
+            let p = env.peek_intent().unwrap();
+            gw.accepted_seqs.lock().unwrap().push(p.seq);
+            (
+                StatusCode::ACCEPTED,
+                Json(SubmitResponse {
+                    task_id: p.task_id,
+                    phase: TaskPhase::Pending,
+                    duplicate: false,
+                }),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn task(Path(id): Path<String>) -> Json<TaskView> {
+    Json(TaskView {
+        task_id: id,
+        device_id: "kiosk-1".into(),
+        intent_type: "summarize".into(),
+        phase: TaskPhase::Succeeded,
+        model: None,
+        usage: None,
+        result: Some("done".into()),
+        reason: None,
+        approval: None,
+        trace_id: None,
+    })
+}
+
+#[tokio::test]
+async fn backs_off_on_5xx_and_garbage_then_delivers_in_order() {
+    let gw = Gw {
+        mode: Arc::new(Mutex::new(Mode::ServerError)),
+        hits: Arc::new(AtomicUsize::new(0)),
+        accepted_seqs: Arc::new(Mutex::new(Vec::new())),
+    };
+    let app = axum::Router::new()
+        .route("/v1/intents", post(submit))
+        .route("/v1/tasks/{id}", get(task))
+        .with_state(gw.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).unwrap();
+    let signer = Arc::new(SoftKey::generate().unwrap());
+    let capturer = Capturer {
+        outbox: outbox.clone(),
+        signer: signer.clone(),
+        device_id: "kiosk-1".into(),
+        default_user: "alice".into(),
+        policy: LocalPolicy::default(),
+    };
+    for i in 0..5 {
+        let req: IntentRequest = serde_json::from_value(
+            serde_json::json!({"type": "summarize", "prompt": format!("p{i}")}),
+        )
+        .unwrap();
+        capturer.capture(req).await.unwrap();
+    }
+    let link = Arc::new(Link::default());
+    let sender = Sender {
+        outbox: outbox.clone(),
+        client: GatewayClient::new(&format!("http://{addr}")).unwrap(),
+        signer,
+        device_id: "kiosk-1".into(),
+        cfg: SenderConfig {
+            max_in_flight: 1,
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_millis(400),
+            },
+            idle_poll: Duration::from_millis(100),
+            poll_interval: Duration::from_millis(50),
+            policy: LocalPolicy::default(),
+        },
+        link: link.clone(),
+        wake: Arc::new(tokio::sync::Notify::new()),
+        accepted: Arc::new(tokio::sync::Notify::new()),
+    };
+    let tracker = sender.clone();
+    let submit_loop = tokio::spawn(sender.run_submit_loop());
+    let track_loop = tokio::spawn(tracker.run_track_loop());
+
+    // 5xx for 2 s: the pauses are 25-50, 50-100, 100-200, 200-400, then 200-400 ms; a tight loop would
+    // make thousands of requests.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hits_5xx = gw.hits.load(Ordering::SeqCst);
+    assert!(
+        (3..=20).contains(&hits_5xx),
+        "{hits_5xx} requests in 2 s of 5xx"
+    );
+    let state = link.snapshot();
+    assert_eq!(state.online, Some(false));
+    assert!(
+        state.last_error.as_deref().unwrap_or("").contains("500"),
+        "{state:?}"
+    );
+    let head = outbox
+        .get(&outbox.pending(1).await.unwrap()[0].task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head.seq, 1, "the head of the queue is retried, not skipped");
+    assert!(head.attempts >= 3);
+    assert_eq!(outbox.counts().await.unwrap().pending, 5, "nothing dropped");
+
+    // Garbage with a 200: not taken as an acceptance, still backing off at the cap.
+    *gw.mode.lock().unwrap() = Mode::Garbage;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let hits_garbage = gw.hits.load(Ordering::SeqCst) - hits_5xx;
+    assert!(
+        hits_garbage <= 10,
+        "{hits_garbage} requests in 1.5 s of garbage"
+    );
+    assert!(
+        link.snapshot()
+            .last_error
+            .unwrap_or_default()
+            .contains("not the expected JSON"),
+        "{:?}",
+        link.snapshot()
+    );
+    assert_eq!(outbox.counts().await.unwrap().pending, 5);
+
+    *gw.mode.lock().unwrap() = Mode::Accept;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = outbox.counts().await.unwrap();
+        if c.done == 5 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not drained: {c:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(*gw.accepted_seqs.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(link.snapshot().online, Some(true));
+    for e in outbox.all().await.unwrap() {
+        assert_eq!(e.state, EntryState::Done);
+        assert_eq!(e.result.as_deref(), Some("done"));
+    }
+    submit_loop.abort();
+    track_loop.abort();
+}
