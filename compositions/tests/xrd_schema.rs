@@ -236,7 +236,7 @@ async fn generated_crds_accept_the_examples_with_defaults() {
             "cluster": {"subnetIds": ["subnet-0123456789abcdef0", "subnet-0123456789abcdef1"]},
             "gpuPool": {"instanceTypes": ["g5.xlarge"]},
             "runtime": {"chartVersion": "1.2.3"},
-            "modelTiers": [{"name": "only", "endpointKind": "openai", "endpoint": "https://api.example.com/v1", "pricePer1kTokensMicros": 0}],
+            "modelTiers": [{"name": "only", "endpointKind": "builtin", "endpoint": "builtin:echo"}],
         },
     });
     let stored = dry_run_create(&client, &index, &minimal, "xrd-valid")
@@ -245,6 +245,12 @@ async fn generated_crds_accept_the_examples_with_defaults() {
     assert_eq!(stored["spec"]["cluster"]["version"], "1.33");
     assert_eq!(stored["spec"]["queue"]["maxReceiveCount"], 5);
     assert_eq!(stored["spec"]["scaling"]["queueLength"], 5);
+    // The tier defaults of the api crate's ModelTier; a builtin endpoint needs no https.
+    let tier = &stored["spec"]["modelTiers"][0];
+    assert_eq!(tier["pricePer1kInputMicros"], 0);
+    assert_eq!(tier["pricePer1kOutputMicros"], 0);
+    assert_eq!(tier["gpu"], false);
+    assert_eq!(tier["endpoint"], "builtin:echo");
 }
 
 /// (what, path under the object, value, text the API server's rejection must contain)
@@ -443,10 +449,62 @@ fn bad_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "spec.modelTiers[0].endpointKind: Unsupported value",
         ),
         (
-            "negative price",
-            "/spec/modelTiers/0/pricePer1kTokensMicros",
+            "model endpoint kind of the old XRD shape",
+            "/spec/modelTiers/1/endpointKind",
+            json!("vllm"),
+            "spec.modelTiers[1].endpointKind: Unsupported value: \"vllm\"",
+        ),
+        (
+            "http remote model endpoint",
+            "/spec/modelTiers/1/endpoint",
+            json!("http://vllm.models.svc:8000/v1"),
+            "remote model endpoints must use https",
+        ),
+        (
+            "empty model endpoint",
+            "/spec/modelTiers/0/endpoint",
+            json!(""),
+            "spec.modelTiers[0].endpoint in body should be at least 1 chars long",
+        ),
+        (
+            "model tier name too long",
+            "/spec/modelTiers/0/name",
+            json!("t".repeat(64)),
+            "spec.modelTiers[0].name: Too long",
+        ),
+        (
+            "too many model tiers",
+            "/spec/modelTiers",
+            Value::Array(
+                (0..17)
+                    .map(|i| json!({"name": format!("t{i}"), "endpointKind": "builtin", "endpoint": "builtin:echo"}))
+                    .collect(),
+            ),
+            "spec.modelTiers: Too many: 17",
+        ),
+        (
+            "negative input price",
+            "/spec/modelTiers/0/pricePer1kInputMicros",
             json!(-1),
-            "spec.modelTiers[0].pricePer1kTokensMicros in body should be greater than or equal to 0",
+            "spec.modelTiers[0].pricePer1kInputMicros in body should be greater than or equal to 0",
+        ),
+        (
+            "negative output price",
+            "/spec/modelTiers/1/pricePer1kOutputMicros",
+            json!(-1),
+            "spec.modelTiers[1].pricePer1kOutputMicros in body should be greater than or equal to 0",
+        ),
+        (
+            "model privacy level",
+            "/spec/modelTiers/0/privacyLevels/0",
+            json!("secret"),
+            "spec.modelTiers[0].privacyLevels[0]: Unsupported value",
+        ),
+        (
+            "model secret without a key",
+            "/spec/modelTiers/0/secretRef",
+            json!({"name": "anthropic-api-key"}),
+            "spec.modelTiers[0].secretRef.key: Required value",
         ),
         (
             "region missing",
