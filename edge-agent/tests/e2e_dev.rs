@@ -1,6 +1,6 @@
 //! End to end against the real `agentplane dev` over HTTP: enroll, submit from the UI's API, see the
-//! result; offline durability through SIGKILLs; a device clock far off. Skipped (with a message) when the
-//! `agentplane` binary has not been built; `AGENTPLANE_E2E=require` makes that a failure.
+//! result; offline durability through SIGKILLs; a device clock far off. A missing `agentplane` binary
+//! fails the tests with the reason (`cargo test --workspace` builds it).
 
 mod common;
 
