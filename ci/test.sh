@@ -10,6 +10,8 @@ if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
     rustc_version=$(rustc --version | awk '{print $2}')
     export CARGO_TARGET_DIR="${AGENTPLANE_CACHE:-$HOME/.cache/agentplane}/cargo-target/rustc-${rustc_version}"
     echo "==> CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
+    # Incremental artefacts only pay off for edit-compile loops; in CI they just grow the cache.
+    export CARGO_INCREMENTAL=0
 fi
 
 timings=()
