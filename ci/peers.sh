@@ -101,20 +101,22 @@ go_install_build() {
   return $rc
 }
 
-build_moto() {
-  local dir=$1
+# pip_venv_build DIR NAME REQUIREMENT ENTRY: a PyPI peer in its own venv, every transitive
+# dependency pinned by ci/peers/NAME/constraints.txt, its entry point linked as DIR/ENTRY.
+pip_venv_build() {
+  local dir=$1 name=$2 requirement=$3 entry=$4
   python3 -m venv "$dir/venv"
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check \
-    -c "$WRAPPERS/moto/constraints.txt" "moto[server]==$MOTO_VERSION"
-  ln -sf venv/bin/moto_server "$dir/moto_server"
+    -c "$WRAPPERS/$name/constraints.txt" "$requirement"
+  ln -sf "venv/bin/$entry" "$dir/$entry"
+}
+
+build_moto() {
+  pip_venv_build "$1" moto "moto[server]==$MOTO_VERSION" moto_server
 }
 
 build_schemathesis() {
-  local dir=$1
-  python3 -m venv "$dir/venv"
-  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check \
-    -c "$WRAPPERS/schemathesis/constraints.txt" "schemathesis==$SCHEMATHESIS_VERSION"
-  ln -sf venv/bin/st "$dir/st"
+  pip_venv_build "$1" schemathesis "schemathesis==$SCHEMATHESIS_VERSION" st
 }
 
 # Debian's chromium, for the edge UI test (headless). A system package, not a cache entry: the
