@@ -13,7 +13,7 @@ use ed25519_dalek::SigningKey;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt as _};
+use kube::Client;
 use serde_json::json;
 
 const MANAGER: &str = "agentplane-tests";
@@ -21,39 +21,14 @@ const MANAGER: &str = "agentplane-tests";
 async fn client_with_crds() -> Client {
     let stack = Stack::shared().expect("the real-peer stack must start (run `make peers` first)");
     let client = stack.kube_client().await.expect("kube client");
-    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in crds() {
-        let name = crd.name_any();
-        crd_api
-            .patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
-    }
-    for crd in crds() {
-        wait_established(&crd_api, &crd.name_any()).await;
-    }
+    let crds: Vec<serde_json::Value> = crds()
+        .iter()
+        .map(|c| serde_json::to_value(c).unwrap())
+        .collect();
+    agentplane_testsupport::apply_crds(&client, &crds, MANAGER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     client
-}
-
-async fn wait_established(api: &Api<CustomResourceDefinition>, name: &str) {
-    for _ in 0..100 {
-        let crd = api.get(name).await.unwrap();
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("CRD {name} never became Established");
 }
 
 async fn namespace(client: &Client, name: &str) -> String {

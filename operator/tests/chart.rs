@@ -9,11 +9,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use agentplane_testsupport::{Stack, peer_command, repo_root};
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::discovery::{Discovery, Scope};
 use serde_json::{Value, json};
@@ -498,47 +496,15 @@ fn keda_crds_dir() -> PathBuf {
     base.join("keda")
 }
 
-/// Server-side applies every CRD (for real) and waits until the API serves all of them.
+/// Installs every CRD in `files` for real and waits until the API serves all of them.
 async fn install_crds(client: &kube::Client, files: &[PathBuf]) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut wanted = Vec::new();
-    for file in files {
-        let yaml = std::fs::read_to_string(file).unwrap();
-        for doc in parse_stream(&yaml) {
-            let name = doc["metadata"]["name"]
-                .as_str()
-                .expect("CRD name")
-                .to_owned();
-            api.patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&doc),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("applying CRD {name} from {}: {e}", file.display()));
-            wanted.push(name);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for name in wanted {
-        loop {
-            let crd = api.get(&name).await.expect("reading CRD back");
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CRD {name} never became Established"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let crds: Vec<Value> = files
+        .iter()
+        .flat_map(|file| parse_stream(&std::fs::read_to_string(file).unwrap()))
+        .collect();
+    agentplane_testsupport::apply_crds(client, &crds, FIELD_MANAGER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Dry-run server-side apply of one rendered object with strict field validation.

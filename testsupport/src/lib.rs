@@ -59,6 +59,8 @@ pub enum Error {
     KubeClient(#[from] kube::Error),
     #[error("the shared stack failed to start: {0}")]
     Shared(String),
+    #[error("CRD {name}: {reason}")]
+    Crd { name: String, reason: String },
 }
 
 /// Peer name as tests say it, and the variable `ci/peers.sh` writes for it.
@@ -153,6 +155,63 @@ fn resolve_peer(
 /// refuses to guess, so kube's client would fail to build its TLS config. Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Server-side applies each CustomResourceDefinition under `field_manager` (client-side apply's
+/// last-applied annotation overflows on large upstream CRDs) and waits until every one is
+/// Established, so objects of those kinds can be created right after.
+pub async fn apply_crds(
+    client: &kube::Client,
+    crds: &[serde_json::Value],
+    field_manager: &str,
+) -> Result<(), Error> {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+
+    let crd_kind = GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition");
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::from_gvk(&crd_kind));
+    let params = PatchParams::apply(field_manager).force();
+    let crd_error = |name: &str, reason: String| Error::Crd {
+        name: name.to_owned(),
+        reason,
+    };
+    let mut names = Vec::with_capacity(crds.len());
+    for crd in crds {
+        let name = crd["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        api.patch(&name, &params, &Patch::Apply(crd))
+            .await
+            .map_err(|e| crd_error(&name, format!("applying: {e}")))?;
+        names.push(name);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for name in names {
+        loop {
+            let got = api
+                .get(&name)
+                .await
+                .map_err(|e| crd_error(&name, format!("reading back: {e}")))?;
+            let established = got.data["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Established" && c["status"] == "True")
+                });
+            if established {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(crd_error(
+                    &name,
+                    format!("not Established after 60 s: {}", got.data["status"]),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 /// A `Command` for a peer's CLI (e.g. `tofu`, `crossplane`, `helm`).

@@ -576,39 +576,10 @@ pub async fn install_crds(client: &kube::Client, files: &[PathBuf]) -> Result<Cr
 }
 
 pub async fn install_crd_values(client: &kube::Client, crds: &[Value]) -> Result<CrdIndex> {
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource());
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    agentplane_testsupport::apply_crds(client, crds, FIELD_MANAGER).await?;
     let mut index = CrdIndex::default();
     for crd in crds {
-        let name = str_at(crd, "/metadata/name").to_owned();
-        api.patch(&name, &pp, &Patch::Apply(crd))
-            .await
-            .map_err(|e| format!("installing CRD {name}: {e}"))?;
         index.add_crd(crd);
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for crd in crds {
-        let name = str_at(crd, "/metadata/name");
-        loop {
-            let got = api.get(name).await?;
-            let established = got.data["status"]["conditions"]
-                .as_array()
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Established" && c["status"] == "True")
-                });
-            if established {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "CRD {name} not Established after 60s: {}",
-                    got.data["status"]
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
     Ok(index)
 }
