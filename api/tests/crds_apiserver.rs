@@ -12,8 +12,8 @@ use agentplane_testsupport::Stack;
 use ed25519_dalek::SigningKey;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const MANAGER: &str = "agentplane-tests";
