@@ -640,13 +640,13 @@ async fn health_metrics_and_openapi_are_served() {
         resp.headers()["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("text/plain")
+            .starts_with("application/openmetrics-text")
     );
     assert!(
         resp.text()
             .await
             .unwrap()
-            .contains("# TYPE agentplane_http_requests_total counter")
+            .contains("# TYPE agentplane_http_requests counter")
     );
     let doc: serde_json::Value = reqwest::get(format!("{base}/openapi.json"))
         .await

@@ -538,7 +538,7 @@ pub async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::V
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(),
     )
 }

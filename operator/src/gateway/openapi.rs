@@ -77,7 +77,7 @@ pub fn document() -> Value {
             "/healthz": {"get": {"summary": "Liveness and store reachability",
                 "responses": merge(json!({"200": {"description": "ok", "content": {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}}}), error_responses(&["503"]))}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                "responses": {"200": {"description": "OpenMetrics text format", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
         },
