@@ -1,5 +1,5 @@
 //! The task queue: at-least-once delivery with visibility timeouts, redelivery counts and a
-//! dead-letter queue, shaped after SQS so the distributed backend (issue 3) maps one to one:
+//! dead-letter queue, shaped after SQS so the distributed backend ([`sqs`]) maps one to one:
 //! - [`LeaseId`] is an SQS receipt handle: it names one *receive* of a message, so a worker whose
 //!   lease expired (and whose message went to someone else) can no longer delete or extend it;
 //! - `receive` long-polls up to `wait`; `extend` is ChangeMessageVisibility; `release` is
@@ -9,6 +9,7 @@
 //!   DLQ is itself a [`TaskQueue`], drained by the worker's reaper.
 
 pub mod sqlite;
+pub mod sqs;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
