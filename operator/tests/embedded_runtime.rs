@@ -229,14 +229,12 @@ struct CountingModel(std::sync::atomic::AtomicU64);
 impl agentplane::models::ModelClient for CountingModel {
     async fn complete(
         &self,
-        _tier: &agentplane_api::policy::ModelTier,
-        prompt: &str,
-        _params: &serde_json::Map<String, serde_json::Value>,
+        call: &agentplane::models::ModelCall<'_>,
     ) -> Result<agentplane::models::Completion, agentplane::models::ModelError> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(agentplane::models::Completion {
-            text: format!("done: {prompt}"),
+            text: format!("done: {}", call.prompt),
             input_tokens: 1,
             output_tokens: 2,
         })

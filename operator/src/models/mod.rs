@@ -1,10 +1,29 @@
-//! Model endpoints. Only the deterministic `builtin:` models exist so far; the OpenAI-compatible and
-//! Anthropic clients arrive with the distributed runtime (issue 3) behind the same [`ModelClient`].
+//! Model endpoints behind one [`ModelClient`] trait, routed by the tier's endpoint kind:
+//!
+//! - `builtin`: deterministic local models for development and tests ([`Builtin`]);
+//! - `openai`: OpenAI-compatible chat completions ([`openai`]);
+//! - `anthropic`: Anthropic Messages ([`anthropic`]).
+//!
+//! Remote tiers need a `secretRef`; [`Models`] reads the API key from its [`SecretSource`] for each
+//! call (sources cache as they see fit) and never puts it in a log line or an error. Errors say whether
+//! a retry can help: [`ModelError::Failed`] (network, timeout, 408/409/429/5xx, unreadable reply) goes
+//! back to the queue, [`ModelError::Rejected`] (400/401/403/404, missing secret, bad endpoint) fails
+//! the task at once.
 
-use std::time::Duration;
+pub mod anthropic;
+mod builtin;
+mod http;
+pub mod openai;
+
+use std::sync::Arc;
 
 use agentplane_api::policy::{EndpointKind, ModelTier};
 use async_trait::async_trait;
+
+pub use builtin::Builtin;
+pub use http::{HttpOptions, HttpSetupError};
+
+use crate::secrets::SecretSource;
 
 /// What a model call produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,105 +41,162 @@ pub enum ModelError {
     /// The call failed; a retry may succeed.
     #[error("model call failed: {0}")]
     Failed(String),
+    /// The endpoint (or the runtime, before calling it) refused the call for a reason a retry cannot
+    /// fix: bad request, bad or missing credentials, unknown model, endpoint not allowed.
+    #[error("model call rejected: {0}")]
+    Rejected(String),
+}
+
+impl ModelError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ModelError::Failed(_))
+    }
+}
+
+/// One model call: what to ask, where, and the keys that make it traceable and safe to repeat.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelCall<'a> {
+    pub tier: &'a ModelTier,
+    pub prompt: &'a str,
+    pub params: &'a serde_json::Map<String, serde_json::Value>,
+    /// Sent as `Idempotency-Key`; the same for every attempt at the same step of the same task
+    /// (see [`idempotency_key`]), so an endpoint that honours it runs a redelivered call once.
+    pub idempotency_key: &'a str,
+    /// The W3C `traceparent` of the task's trace, forwarded when well formed.
+    pub traceparent: Option<&'a str>,
+}
+
+impl ModelCall<'_> {
+    /// The model name sent to the endpoint: the tier's `model`, else the tier's name.
+    pub fn model(&self) -> &str {
+        self.tier.model.as_deref().unwrap_or(&self.tier.name)
+    }
+}
+
+/// The idempotency key of step `step` of task `task_id` (DESIGN.md §2: derived from task id + step).
+pub fn idempotency_key(task_id: &str, step: u32) -> String {
+    format!("{task_id}/model/{step}")
 }
 
 #[async_trait]
 pub trait ModelClient: Send + Sync {
-    async fn complete(
-        &self,
-        tier: &ModelTier,
-        prompt: &str,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Completion, ModelError>;
+    async fn complete(&self, call: &ModelCall<'_>) -> Result<Completion, ModelError>;
 }
 
 /// Routes a tier to its client by endpoint kind.
+///
+/// `Models::default()` serves builtin tiers only (remote tiers are rejected with a reason);
+/// [`Models::new`] adds the remote clients and the secret source their keys come from.
 #[derive(Default)]
 pub struct Models {
     builtin: Builtin,
+    remote: Option<Remote>,
+}
+
+struct Remote {
+    http: http::Http,
+    secrets: Arc<dyn SecretSource>,
+}
+
+impl Models {
+    /// Builtin and remote models, with default HTTP timeouts and limits.
+    pub fn new(secrets: Arc<dyn SecretSource>) -> Result<Models, HttpSetupError> {
+        Models::with_options(secrets, &HttpOptions::default())
+    }
+
+    pub fn with_options(
+        secrets: Arc<dyn SecretSource>,
+        options: &HttpOptions,
+    ) -> Result<Models, HttpSetupError> {
+        Ok(Models {
+            builtin: Builtin,
+            remote: Some(Remote {
+                http: http::Http::new(options)?,
+                secrets,
+            }),
+        })
+    }
 }
 
 #[async_trait]
 impl ModelClient for Models {
-    async fn complete(
-        &self,
-        tier: &ModelTier,
-        prompt: &str,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Completion, ModelError> {
-        match tier.endpoint_kind {
-            EndpointKind::Builtin => self.builtin.complete(tier, prompt, params).await,
-            EndpointKind::Openai | EndpointKind::Anthropic => {
-                Err(ModelError::Unsupported(format!(
-                    "{:?} endpoints are not available in this build yet",
-                    tier.endpoint_kind
-                )))
-            }
+    async fn complete(&self, call: &ModelCall<'_>) -> Result<Completion, ModelError> {
+        let tier = call.tier;
+        if tier.endpoint_kind == EndpointKind::Builtin {
+            return self.builtin.complete(call).await;
         }
+        let Some(remote) = &self.remote else {
+            return Err(ModelError::Rejected(format!(
+                "tier {} calls a remote endpoint, but this runtime was started without a secret source for model keys",
+                tier.name
+            )));
+        };
+        let Some(secret_ref) = &tier.secret_ref else {
+            return Err(ModelError::Rejected(format!(
+                "tier {} needs secretRef (the Secret holding its API key)",
+                tier.name
+            )));
+        };
+        let key = remote.secrets.get(secret_ref).await.map_err(|e| {
+            let message = format!("reading the API key of tier {}: {e}", tier.name);
+            if e.is_transient() {
+                ModelError::Failed(message)
+            } else {
+                ModelError::Rejected(message)
+            }
+        })?;
+        let result = match tier.endpoint_kind {
+            EndpointKind::Openai => openai::complete(&remote.http, call, &key).await,
+            EndpointKind::Anthropic => anthropic::complete(&remote.http, call, &key).await,
+            EndpointKind::Builtin => self.builtin.complete(call).await,
+        };
+        if matches!(result, Err(ModelError::Rejected(_))) {
+            // Possibly a revoked or rotated key: let the next task read it afresh.
+            remote.secrets.invalidate(secret_ref);
+        }
+        result
     }
 }
 
-/// Deterministic models for development and tests (`endpoint: builtin:<name>`):
-/// - `builtin:echo`: `echo: <prompt>`;
-/// - `builtin:upper`: the prompt upper-cased;
-/// - `builtin:reverse`: the prompt's characters reversed;
-/// - `builtin:fail`: always fails (drives the retry and dead-letter paths);
-/// - `builtin:sleep`: waits `params.sleepMs` (at most 60 s), then echoes (drives cancellation).
-///
-/// Tokens are counted as whitespace-separated words, at least one per call.
-#[derive(Default)]
-pub struct Builtin;
-
-/// Longest `builtin:sleep`.
-const MAX_SLEEP: Duration = Duration::from_secs(60);
-
+/// Tokens as whitespace-separated words, at least one (the builtin models' measure, and the estimate
+/// for endpoints that report no usage).
 pub fn count_tokens(text: &str) -> u64 {
     (text.split_whitespace().count() as u64).max(1)
 }
 
-#[async_trait]
-impl ModelClient for Builtin {
-    async fn complete(
-        &self,
-        tier: &ModelTier,
-        prompt: &str,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Completion, ModelError> {
-        let name = tier
-            .endpoint
-            .strip_prefix("builtin:")
-            .unwrap_or(&tier.endpoint);
-        let text = match name {
-            "echo" => format!("echo: {prompt}"),
-            "upper" => prompt.to_uppercase(),
-            "reverse" => prompt.chars().rev().collect(),
-            "fail" => return Err(ModelError::Failed("builtin:fail always fails".into())),
-            "sleep" => {
-                let ms = params
-                    .get("sleepMs")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(1000);
-                tokio::time::sleep(Duration::from_millis(ms).min(MAX_SLEEP)).await;
-                format!("echo: {prompt}")
-            }
-            other => return Err(ModelError::Unsupported(format!("builtin:{other}"))),
-        };
-        Ok(Completion {
-            input_tokens: count_tokens(prompt),
-            output_tokens: count_tokens(&text),
-            text,
-        })
+/// The reported usage, or an estimate when the endpoint left it out (some OpenAI-compatible servers
+/// do): a completion already paid for is worth more than exact counts.
+fn usage_or_estimate(
+    provider: &str,
+    call: &ModelCall<'_>,
+    text: String,
+    (input, output): (Option<u64>, Option<u64>),
+) -> Completion {
+    if input.is_none() || output.is_none() {
+        tracing::warn!(
+            tier = %call.tier.name,
+            provider,
+            "the endpoint reported no token usage; estimating it from word counts"
+        );
+    }
+    Completion {
+        input_tokens: input.unwrap_or_else(|| count_tokens(call.prompt)),
+        output_tokens: output.unwrap_or_else(|| count_tokens(&text)),
+        text,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secrets::FileSecrets;
+    use agentplane_api::policy::SecretKeyRef;
+    use serde_json::json;
 
-    fn tier(endpoint: &str) -> ModelTier {
+    fn tier(kind: EndpointKind, endpoint: &str) -> ModelTier {
         ModelTier {
             name: "t".into(),
-            endpoint_kind: EndpointKind::Builtin,
+            endpoint_kind: kind,
             endpoint: endpoint.into(),
             model: None,
             price_per_1k_input_micros: 0,
@@ -131,30 +207,160 @@ mod tests {
         }
     }
 
+    fn call<'a>(
+        tier: &'a ModelTier,
+        prompt: &'a str,
+        params: &'a serde_json::Map<String, serde_json::Value>,
+    ) -> ModelCall<'a> {
+        ModelCall {
+            tier,
+            prompt,
+            params,
+            idempotency_key: "task-1/model/1",
+            traceparent: None,
+        }
+    }
+
     #[tokio::test]
     async fn builtin_models_are_deterministic() {
         let m = Models::default();
         let none = serde_json::Map::new();
+        let echo = tier(EndpointKind::Builtin, "builtin:echo");
         let a = m
-            .complete(&tier("builtin:echo"), "hello world", &none)
+            .complete(&call(&echo, "hello world", &none))
             .await
             .unwrap();
         let b = m
-            .complete(&tier("builtin:echo"), "hello world", &none)
+            .complete(&call(&echo, "hello world", &none))
             .await
             .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.text, "echo: hello world");
         assert_eq!((a.input_tokens, a.output_tokens), (2, 3));
-        let r = m
-            .complete(&tier("builtin:reverse"), "abc", &none)
-            .await
-            .unwrap();
+        let rev = tier(EndpointKind::Builtin, "builtin:reverse");
+        let r = m.complete(&call(&rev, "abc", &none)).await.unwrap();
         assert_eq!(r.text, "cba");
-        assert!(m.complete(&tier("builtin:fail"), "x", &none).await.is_err());
+        let fail = tier(EndpointKind::Builtin, "builtin:fail");
         assert!(matches!(
-            m.complete(&tier("builtin:nope"), "x", &none).await,
+            m.complete(&call(&fail, "x", &none)).await,
+            Err(ModelError::Failed(_))
+        ));
+        let nope = tier(EndpointKind::Builtin, "builtin:nope");
+        assert!(matches!(
+            m.complete(&call(&nope, "x", &none)).await,
             Err(ModelError::Unsupported(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn remote_tiers_need_a_secret_source_and_a_secret_ref() {
+        let none = serde_json::Map::new();
+        let openai = tier(EndpointKind::Openai, "https://api.openai.com/v1");
+        let e = Models::default()
+            .complete(&call(&openai, "x", &none))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ModelError::Rejected(_)), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let m = Models::new(Arc::new(FileSecrets::new(dir.path()))).unwrap();
+        let e = m.complete(&call(&openai, "x", &none)).await.unwrap_err();
+        assert!(e.to_string().contains("tier t needs secretRef"), "{e}");
+
+        // A missing secret is a configuration problem, not worth a retry.
+        let mut with_ref = openai.clone();
+        with_ref.secret_ref = Some(SecretKeyRef {
+            name: "openai".into(),
+            key: "api-key".into(),
+        });
+        let e = m.complete(&call(&with_ref, "x", &none)).await.unwrap_err();
+        assert!(matches!(e, ModelError::Rejected(_)), "{e}");
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+
+    #[test]
+    fn openai_wire_format() {
+        let mut t = tier(EndpointKind::Openai, "https://api.openai.com/v1");
+        t.model = Some("gpt-4o-mini".into());
+        let params = json!({"max_tokens": 50, "temperature": 0.2, "other": 1});
+        let params = params.as_object().unwrap();
+        let body = openai::request_body(&call(&t, "hi", params));
+        assert_eq!(
+            body,
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                   "max_tokens": 50, "temperature": 0.2})
+        );
+        // Wrong types are left out rather than sent.
+        let params = json!({"max_tokens": "lots", "temperature": "warm"});
+        let body = openai::request_body(&call(&t, "hi", params.as_object().unwrap()));
+        assert!(body.get("max_tokens").is_none() && body.get("temperature").is_none());
+
+        let none = serde_json::Map::new();
+        let c = call(&t, "hi there", &none);
+        let reply = json!({"choices": [{"message": {"role": "assistant", "content": "hello"}}],
+                           "usage": {"prompt_tokens": 9, "completion_tokens": 1}});
+        assert_eq!(
+            openai::parse_reply(&c, &reply).unwrap(),
+            Completion {
+                text: "hello".into(),
+                input_tokens: 9,
+                output_tokens: 1
+            }
+        );
+        let no_usage = json!({"choices": [{"message": {"content": "a b c"}}]});
+        let est = openai::parse_reply(&c, &no_usage).unwrap();
+        assert_eq!((est.input_tokens, est.output_tokens), (2, 3));
+        let refusal = json!({"choices": [{"message": {"content": null, "refusal": "no"}}]});
+        assert!(matches!(
+            openai::parse_reply(&c, &refusal),
+            Err(ModelError::Rejected(_))
+        ));
+        assert!(matches!(
+            openai::parse_reply(&c, &json!({"choices": []})),
+            Err(ModelError::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn anthropic_wire_format() {
+        let mut t = tier(EndpointKind::Anthropic, "https://api.anthropic.com");
+        t.model = Some("claude-haiku".into());
+        let none = serde_json::Map::new();
+        let body = anthropic::request_body(&call(&t, "hi", &none));
+        assert_eq!(
+            body,
+            json!({"model": "claude-haiku", "max_tokens": 1024,
+                   "messages": [{"role": "user", "content": "hi"}]})
+        );
+        let params = json!({"maxTokens": 64});
+        let body = anthropic::request_body(&call(&t, "hi", params.as_object().unwrap()));
+        assert_eq!(body["max_tokens"], 64);
+
+        let c = call(&t, "hi", &none);
+        let reply = json!({"content": [{"type": "text", "text": "Hel"},
+                                       {"type": "tool_use", "id": "x"},
+                                       {"type": "text", "text": "lo"}],
+                           "usage": {"input_tokens": 3, "output_tokens": 2}});
+        assert_eq!(
+            anthropic::parse_reply(&c, &reply).unwrap(),
+            Completion {
+                text: "Hello".into(),
+                input_tokens: 3,
+                output_tokens: 2
+            }
+        );
+        let e = anthropic::parse_reply(&c, &json!({"content": [], "stop_reason": "max_tokens"}))
+            .unwrap_err();
+        assert!(e.to_string().contains("max_tokens"), "{e}");
+        assert!(matches!(
+            anthropic::parse_reply(&c, &json!({"content": "x"})),
+            Err(ModelError::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn idempotency_keys_are_stable_per_task_and_step() {
+        assert_eq!(idempotency_key("t-1", 1), "t-1/model/1");
+        assert_ne!(idempotency_key("t-1", 1), idempotency_key("t-1", 2));
     }
 }
