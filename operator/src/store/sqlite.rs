@@ -358,6 +358,23 @@ impl TaskStore for SqliteStore {
         .await
     }
 
+    async fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks ORDER BY created_at"
+                ))
+                .map_err(be)?;
+            let rows = stmt
+                .query_map([], task_row)
+                .map_err(be)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(be)?;
+            rows.into_iter().map(decode_task).collect()
+        })
+        .await
+    }
+
     async fn update_task_status(
         &self,
         id: &str,
@@ -731,5 +748,26 @@ mod tests {
         let s = SqliteStore::new(Db::open(&path).unwrap(), "default");
         assert!(s.get_task("t1").await.unwrap().is_some());
         assert_eq!(s.list_unfinished().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn list_tasks_returns_every_phase_oldest_first() {
+        let (_d, s) = store().await;
+        for (i, id) in ["t1", "t2", "t3"].iter().enumerate() {
+            s.admit(new_task(id, i as u64 + 1)).await.unwrap();
+        }
+        let t2 = s.get_task("t2").await.unwrap().unwrap();
+        let denied = AgentTaskStatus {
+            phase: Some(TaskPhase::Denied),
+            ..t2.status.clone()
+        };
+        s.update_task_status("t2", &t2.version, denied)
+            .await
+            .unwrap();
+        let all = s.list_tasks().await.unwrap();
+        let ids: Vec<_> = all.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["t1", "t2", "t3"]);
+        assert_eq!(all[1].phase(), TaskPhase::Denied);
+        assert_eq!(s.list_unfinished().await.unwrap().len(), 2);
     }
 }
