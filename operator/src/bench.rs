@@ -26,13 +26,13 @@ pub struct BenchArgs {
     workers: usize,
 }
 
-struct Figures {
-    per_sec: f64,
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct Figures {
+    pub(crate) per_sec: f64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
 }
 
-fn figures(mut lat: Vec<Duration>, wall: Duration) -> Figures {
+pub(crate) fn figures(mut lat: Vec<Duration>, wall: Duration) -> Figures {
     lat.sort();
     let pick = |q: f64| {
         lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))

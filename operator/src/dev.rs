@@ -89,7 +89,7 @@ struct DevFile {
     log_format: Option<String>,
 }
 
-fn init_logs(format: &str) {
+pub fn init_logs(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -102,7 +102,7 @@ fn init_logs(format: &str) {
     }
 }
 
-fn parse_approver(s: &str) -> anyhow::Result<(String, String)> {
+pub fn parse_approver(s: &str) -> anyhow::Result<(String, String)> {
     let (name, token) = s
         .split_once('=')
         .with_context(|| "an approver is NAME=TOKEN".to_string())?;
@@ -215,7 +215,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -5,6 +5,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cloud_cmd;
+mod cloud_models;
+mod cluster_bench;
 mod crdgen;
 mod dev;
 
@@ -27,6 +30,13 @@ enum Command {
         #[arg(long)]
         stdout: bool,
     },
+    /// Run the controller against the Kubernetes API: admit AgentTasks and queue them on SQS
+    /// (Lease-based leader election; one replica acts at a time).
+    Operator(Box<cloud_cmd::OperatorArgs>),
+    /// Run workers: take tasks off SQS, call the model, write the result to the AgentTask.
+    Worker(Box<cloud_cmd::WorkerArgs>),
+    /// Serve the device gateway API in front of the Kubernetes API.
+    Gateway(Box<cloud_cmd::GatewayArgs>),
     /// Run gateway + controller + worker in one process on an embedded SQLite store (no cluster).
     Dev(Box<dev::DevArgs>),
     /// Scripted demo device: enrolls, submits signed intents, prints each task's phases and result.
@@ -35,6 +45,11 @@ enum Command {
     /// Benchmark of the embedded runtime over HTTP (ci/bench/runtime).
     #[command(hide = true)]
     DevBench(bench::BenchArgs),
+    /// Benchmark of the distributed runtime against a ci/stack.sh stack (ci/bench/runtime).
+    #[command(hide = true)]
+    ClusterBench(cluster_bench::ClusterBenchArgs),
+    /// Tamper-evident audit log tools: verify a log offline, print inclusion/consistency proofs.
+    Audit(agentplane::audit::cli::AuditArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,8 +67,13 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Dev(args) => dev::run(*args)?,
+        Command::Operator(args) => cloud_cmd::run_operator(*args)?,
+        Command::Worker(args) => cloud_cmd::run_worker(*args)?,
+        Command::Gateway(args) => cloud_cmd::run_gateway(*args)?,
         Command::DevClient(args) => dev::run_client(args)?,
         Command::DevBench(args) => bench::run(args)?,
+        Command::ClusterBench(args) => cluster_bench::run(args)?,
+        Command::Audit(args) => std::process::exit(agentplane::audit::cli::run(args)),
     }
     Ok(())
 }

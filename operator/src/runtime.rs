@@ -230,7 +230,13 @@ impl Embedded {
             store: store.clone(),
             queue: queue.clone(),
             dead_letters,
-            models: Arc::new(Models::default()),
+            // Remote tiers read their API keys from `<data dir>/secrets/<secret name>/<key>`.
+            models: Arc::new(
+                Models::new(Arc::new(crate::secrets::FileSecrets::new(
+                    cfg.data_dir.join("secrets"),
+                )))
+                .map_err(|e| StoreError::Backend(e.to_string()))?,
+            ),
             metrics: metrics.clone(),
             config: cfg.worker.clone(),
         });

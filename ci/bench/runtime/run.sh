@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# ci/bench/runtime: every path of the runtime benchmark. Today the embedded path (agentplane dev);
-# the distributed path (kube-apiserver + SQS) joins here with the distributed runtime.
+# ci/bench/runtime: every path of the runtime benchmark: the embedded runtime (agentplane dev) and
+# the distributed one (operator + worker over kube-apiserver and SQS on moto).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-"$here/embedded.sh" "$@"
+"$here/embedded.sh"
+"$here/distributed.sh"

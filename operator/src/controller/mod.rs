@@ -1,20 +1,36 @@
 //! The controller: admits Pending tasks and routes decided approvals, generic over the store and queue.
 //!
 //! `reconcile` is one level-triggered step for one task (read state, decide, write at most one phase
-//! change); `run` drives it from the store's change feed plus a periodic resync, the same shape as a
+//! change); `run` drives it from the store's change feed, a periodic resync and a timer queue for
+//! tasks that asked to be looked at again later ([`Outcome::RequeueAfter`]), the same shape as a
 //! kube-rs `Controller` (watch + requeue), so the distributed operator can reuse `reconcile` as is.
+//!
+//! Governance: rate limits and budgets are decided at admission against a [`Ledger`]. `run` owns one:
+//! rebuilt from `TaskStore::list_tasks` before the first reconcile (so a restart keeps every window
+//! and every period's spend), updated right after each admission it writes, and fed every change
+//! event so an estimate becomes the real cost when the task succeeds. Each admission is recorded in
+//! the task's status as an `Admitted=True` condition stamped with the admission time (reason
+//! `WithinPolicy`, or `ModelDowngraded` with the budget that moved it down the ladder); that is what
+//! the rebuild reads. A task held by a rate limit gets `Admitted=False` (`RateLimited`) once and is
+//! reconciled again when the window has room.
 
-use std::collections::BTreeMap;
+pub mod operator;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane_api::TaskPhase;
+use agentplane_api::policy::AgentPolicySpec;
 use agentplane_api::task::{AgentTaskStatus, ApprovalDecision, QueueStatus};
+use jiff::Timestamp;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::policy::{self, Decision, TierChoice};
+use crate::policy::ledger::{admission_condition, set_condition};
+use crate::policy::{self, Decision, Ledger, Subject, TierChoice};
 use crate::queue::{
     ATTR_TASK_ID, ATTR_TRACEPARENT, DynQueue, Outgoing, QueueError, QueueMessage, TaskQueue,
     TaskRef,
@@ -36,49 +52,112 @@ pub enum Outcome {
     Unchanged,
     /// The task moved to a new phase.
     Moved(TaskPhase),
+    /// Still Pending (held by a rate limit); reconcile it again after this long.
+    RequeueAfter(Duration),
 }
 
-/// One reconcile step for one task.
+/// An admission decision, for `agentplane_admission_decisions_total{decision,reason}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdmissionDecision {
+    /// `admitted`, `awaiting_approval`, `denied` or `held`.
+    pub decision: &'static str,
+    /// `within_policy`, `downgraded`, or the denial/hold code (`rate_limited`, `budget_exhausted`, ...).
+    pub reason: String,
+}
+
+impl AdmissionDecision {
+    fn new(decision: &'static str, reason: impl Into<String>) -> Self {
+        AdmissionDecision {
+            decision,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What one step did, and the admission decision it took, if it took one.
+struct Step {
+    outcome: Outcome,
+    decision: Option<AdmissionDecision>,
+}
+
+impl From<Outcome> for Step {
+    fn from(outcome: Outcome) -> Self {
+        Step {
+            outcome,
+            decision: None,
+        }
+    }
+}
+
+/// One reconcile step for one task, without a long-lived ledger: when the policy has rate limits or
+/// budgets, one is rebuilt from the store for this step (every task is listed). [`Controller::run`]
+/// keeps its ledger instead; this form is for tools and tests that drive single steps.
 pub async fn reconcile(
     store: &dyn TaskStore,
     queue: &dyn TaskQueue,
     task: &TaskRecord,
 ) -> Result<Outcome, ControllerError> {
+    Ok(step(store, queue, task, None).await?.outcome)
+}
+
+/// One reconcile step for one task, deciding rate limits and budgets against `ledger` and recording
+/// an admission in it.
+pub async fn reconcile_with_ledger(
+    store: &dyn TaskStore,
+    queue: &dyn TaskQueue,
+    task: &TaskRecord,
+    ledger: &mut Ledger,
+) -> Result<(Outcome, Option<AdmissionDecision>), ControllerError> {
+    let s = step(store, queue, task, Some(ledger)).await?;
+    Ok((s.outcome, s.decision))
+}
+
+async fn step(
+    store: &dyn TaskStore,
+    queue: &dyn TaskQueue,
+    task: &TaskRecord,
+    ledger: Option<&mut Ledger>,
+) -> Result<Step, ControllerError> {
     let phase = task.phase();
     if phase.is_terminal() {
-        return Ok(Outcome::Unchanged);
+        return Ok(Outcome::Unchanged.into());
     }
     if task.spec.cancel_requested() {
         // A Running task's worker sees the new phase when it re-reads, stops, and deletes its message.
-        return finish(
+        return Ok(finish(
             store,
             task,
             TaskPhase::Cancelled,
             "cancelled at the device's request",
         )
-        .await;
+        .await?
+        .into());
     }
     match phase {
-        TaskPhase::Pending => admit(store, queue, task).await,
+        TaskPhase::Pending => admit(store, queue, task, ledger).await,
         TaskPhase::AwaitingApproval => {
             let Some(approval) = &task.status.approval else {
-                return Ok(Outcome::Unchanged);
+                return Ok(Outcome::Unchanged.into());
             };
-            match approval.decision {
+            let outcome = match approval.decision {
                 ApprovalDecision::Denied => {
                     let reason = format!("denied by approver {}", approval.approver);
                     finish(store, task, TaskPhase::Denied, &reason).await
                 }
                 ApprovalDecision::Approved => {
+                    // Rate limits and budgets were applied when the task was parked; the tier (and
+                    // its reservation in the ledger) chosen then is the one that runs.
                     let tier = task.status.model.as_ref().and_then(|m| {
                         Some(TierChoice {
                             index: m.tier? as usize,
                             name: m.selected.clone()?,
                             requested: m.requested.clone(),
+                            estimate_micros: 0,
+                            downgrade: None,
                         })
                     });
                     match tier {
-                        Some(tier) => enqueue(store, queue, task, &tier).await,
+                        Some(tier) => enqueue(store, queue, task, &tier, task.status.clone()).await,
                         None => {
                             finish(
                                 store,
@@ -90,11 +169,19 @@ pub async fn reconcile(
                         }
                     }
                 }
-            }
+            };
+            Ok(outcome?.into())
         }
         // Queued and Running belong to the workers.
-        _ => Ok(Outcome::Unchanged),
+        _ => Ok(Outcome::Unchanged.into()),
     }
+}
+
+/// Whether the policy has anything a ledger counts for (rate limits or budgets).
+pub fn governs(policy: Option<&AgentPolicySpec>) -> bool {
+    policy.is_some_and(|p| {
+        !p.budgets.is_empty() || p.intents.iter().any(|r| !r.rate_limits.is_empty())
+    })
 }
 
 /// Pending: re-verify everything the gateway checked (a task may have been created around it), then
@@ -103,7 +190,8 @@ async fn admit(
     store: &dyn TaskStore,
     queue: &dyn TaskQueue,
     task: &TaskRecord,
-) -> Result<Outcome, ControllerError> {
+    ledger: Option<&mut Ledger>,
+) -> Result<Step, ControllerError> {
     let device_name = &task.spec.device_ref.name;
     let Some(device) = store.get_device(device_name).await? else {
         return deny(
@@ -151,19 +239,118 @@ async fn admit(
         return deny(store, task, "display_mismatch", &e.to_string()).await;
     }
     let policy = store.get_policy().await?;
-    match policy::evaluate(policy.as_ref(), &device.spec, &verified.payload) {
-        Decision::Hold { .. } => Ok(Outcome::Unchanged),
+    let now = Timestamp::now();
+    let mut scratch = None;
+    let ledger: &mut Ledger = match ledger {
+        Some(l) => l,
+        None if governs(policy.as_ref()) => {
+            let tasks = store.list_tasks().await?;
+            scratch.insert(Ledger::rebuild(&tasks, policy.as_ref(), now))
+        }
+        None => scratch.insert(Ledger::default()),
+    };
+    let payload = &verified.payload;
+    match policy::evaluate(policy.as_ref(), &device.spec, payload, ledger, now) {
+        Decision::Hold {
+            code,
+            reason,
+            retry_after,
+        } => {
+            let decision = Some(AdmissionDecision::new("held", code));
+            let Some(after) = retry_after else {
+                // The kill switch: nothing to write; the resync looks again.
+                return Ok(Step {
+                    outcome: Outcome::Unchanged,
+                    decision,
+                });
+            };
+            hold(store, task, &reason, now).await?;
+            Ok(Step {
+                outcome: Outcome::RequeueAfter(after),
+                decision,
+            })
+        }
         Decision::Deny { code, reason } => deny(store, task, code, &reason).await,
         Decision::AwaitApproval(tier) => {
             let status = AgentTaskStatus {
                 phase: Some(TaskPhase::AwaitingApproval),
                 model: Some(tier.selection()),
-                ..task.status.clone()
+                ..admitted_status(task, &tier, now)
             };
             write_status(store, task, status).await?;
-            Ok(Outcome::Moved(TaskPhase::AwaitingApproval))
+            ledger.record_admission(&task.id, &Subject::of(payload), now, tier.estimate_micros);
+            Ok(Step {
+                outcome: Outcome::Moved(TaskPhase::AwaitingApproval),
+                decision: Some(AdmissionDecision::new(
+                    "awaiting_approval",
+                    admitted_reason(&tier),
+                )),
+            })
         }
-        Decision::Admit(tier) => enqueue(store, queue, task, &tier).await,
+        Decision::Admit(tier) => {
+            let outcome =
+                enqueue(store, queue, task, &tier, admitted_status(task, &tier, now)).await?;
+            ledger.record_admission(&task.id, &Subject::of(payload), now, tier.estimate_micros);
+            Ok(Step {
+                outcome,
+                decision: Some(AdmissionDecision::new("admitted", admitted_reason(&tier))),
+            })
+        }
+    }
+}
+
+fn admitted_reason(tier: &TierChoice) -> &'static str {
+    if tier.downgrade.is_some() {
+        "downgraded"
+    } else {
+        "within_policy"
+    }
+}
+
+/// The task's status with the `Admitted=True` condition that records this admission (and its time,
+/// which the ledger is rebuilt from).
+fn admitted_status(task: &TaskRecord, tier: &TierChoice, now: Timestamp) -> AgentTaskStatus {
+    let mut status = task.status.clone();
+    let condition = match &tier.downgrade {
+        Some(why) => admission_condition(true, "ModelDowngraded", why, now),
+        None => admission_condition(
+            true,
+            "WithinPolicy",
+            &format!("admitted on model tier {:?}", tier.name),
+            now,
+        ),
+    };
+    set_condition(&mut status.conditions, condition);
+    status
+}
+
+/// Marks a task held by a rate limit with `Admitted=False` once, so its status says why it waits. The
+/// message leaves out the changing retry-after, so looking again does not write (and wake) again.
+async fn hold(
+    store: &dyn TaskStore,
+    task: &TaskRecord,
+    reason: &str,
+    now: Timestamp,
+) -> Result<(), ControllerError> {
+    let message = match reason.rsplit_once("; retry after") {
+        Some((why, _)) => format!("held until the rate limit has room: {why}"),
+        None => format!("held until the rate limit has room: {reason}"),
+    };
+    let already = task.status.conditions.iter().any(|c| {
+        c.type_ == policy::ledger::ADMITTED_CONDITION && c.status == "False" && c.message == message
+    });
+    if already {
+        return Ok(());
+    }
+    let mut status = task.status.clone();
+    set_condition(
+        &mut status.conditions,
+        admission_condition(false, "RateLimited", &message, now),
+    );
+    match write_status(store, task, status).await {
+        // Someone else wrote first (a cancel): their change event brings the task back.
+        Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -174,6 +361,7 @@ async fn enqueue(
     queue: &dyn TaskQueue,
     task: &TaskRecord,
     tier: &TierChoice,
+    base: AgentTaskStatus,
 ) -> Result<Outcome, ControllerError> {
     let body = QueueMessage {
         task: TaskRef {
@@ -203,7 +391,7 @@ async fn enqueue(
             message_id: Some(message_id),
             receive_count: 0,
         }),
-        ..task.status.clone()
+        ..base
     };
     write_status(store, task, status).await?;
     Ok(Outcome::Moved(TaskPhase::Queued))
@@ -220,8 +408,12 @@ async fn deny(
     task: &TaskRecord,
     code: &str,
     reason: &str,
-) -> Result<Outcome, ControllerError> {
-    finish(store, task, TaskPhase::Denied, &format!("{code}: {reason}")).await
+) -> Result<Step, ControllerError> {
+    let outcome = finish(store, task, TaskPhase::Denied, &format!("{code}: {reason}")).await?;
+    Ok(Step {
+        outcome,
+        decision: Some(AdmissionDecision::new("denied", code)),
+    })
 }
 
 async fn finish(
@@ -254,24 +446,102 @@ pub struct Controller {
     pub resync: Duration,
 }
 
+/// Longest wait between attempts to load the ledger at start-up.
+const MAX_LOAD_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Shortest requeue: a timer that fires a hair early just asks again, never in a tight loop.
+const MIN_REQUEUE: Duration = Duration::from_millis(10);
+
+/// Tasks to reconcile again at a given instant (rate-limit holds). One entry per task: scheduling a
+/// task again replaces its earlier deadline, so the map is bounded by the number of held tasks.
+#[derive(Default)]
+struct Requeue {
+    due: BTreeSet<(Instant, String)>,
+    by_task: HashMap<String, Instant>,
+}
+
+impl Requeue {
+    fn schedule(&mut self, id: &str, at: Instant) {
+        if let Some(old) = self.by_task.insert(id.to_owned(), at) {
+            self.due.remove(&(old, id.to_owned()));
+        }
+        self.due.insert((at, id.to_owned()));
+    }
+
+    fn cancel(&mut self, id: &str) {
+        if let Some(old) = self.by_task.remove(id) {
+            self.due.remove(&(old, id.to_owned()));
+        }
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.due.first().map(|(at, _)| *at)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Vec<String> {
+        let mut ids = Vec::new();
+        while let Some((at, _)) = self.due.first()
+            && *at <= now
+        {
+            if let Some((_, id)) = self.due.pop_first() {
+                self.by_task.remove(&id);
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    fn len(&self) -> usize {
+        self.by_task.len()
+    }
+}
+
+/// What `run` keeps between steps.
+struct State {
+    ledger: Ledger,
+    requeue: Requeue,
+    /// The policy as last read: prices the in-flight tasks the ledger learns of from events.
+    policy: Option<AgentPolicySpec>,
+}
+
 impl Controller {
     /// Runs until `shutdown`. Reconciles one task at a time: the work per task is a few store calls,
-    /// and one writer keeps the controller's own writes from conflicting with each other.
+    /// one writer keeps the controller's own writes from conflicting with each other, and the ledger
+    /// sees admissions in the order they were decided (which is what makes a rate limit exact).
     pub async fn run(self, shutdown: CancellationToken) {
+        // Subscribe before listing: whatever commits after the list arrives as an event.
         let mut changes = self.store.changes();
+        let Some(mut state) = self.load(&shutdown).await else {
+            tracing::info!("controller stopped before its ledger was loaded");
+            return;
+        };
         // A zero period would make `interval` panic.
         let mut resync = tokio::time::interval(self.resync.max(Duration::from_millis(10)));
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let wake = state.requeue.next();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = resync.tick() => self.resync_all().await,
+                _ = resync.tick() => {
+                    state.ledger.prune(Timestamp::now());
+                    self.refresh_policy(&mut state).await;
+                    self.resync_all(&mut state).await;
+                }
+                _ = sleep_until(wake), if wake.is_some() => self.fire_due(&mut state).await,
                 ev = changes.recv() => match ev {
-                    Ok(ev) if interesting(ev.phase, ev.cancel_requested) => self.reconcile_one(&ev.task).await,
-                    Ok(_) => {}
+                    Ok(ev) => {
+                        state.ledger.observe(&ev.task, state.policy.as_ref(), Timestamp::now());
+                        if interesting(ev.phase, ev.cancel_requested) {
+                            self.reconcile_one(&mut state, &ev.task).await;
+                        }
+                    }
                     Err(RecvError::Lagged(n)) => {
+                        // Missed events may have carried costs: rebuild the ledger, then resync.
                         tracing::warn!(missed = n, "controller fell behind the change feed; resyncing");
-                        self.resync_all().await;
+                        if let Err(e) = self.rebuild(&mut state).await {
+                            tracing::error!(error = %e, "ledger rebuild failed; keeping the current one");
+                        }
+                        self.resync_all(&mut state).await;
                     }
                     Err(RecvError::Closed) => break,
                 },
@@ -280,29 +550,114 @@ impl Controller {
         tracing::info!("controller stopped");
     }
 
-    async fn resync_all(&self) {
+    /// Builds the ledger from the store, retrying with backoff: admitting with an empty ledger would
+    /// reset every rate limit and budget, so nothing is reconciled until it has loaded.
+    async fn load(&self, shutdown: &CancellationToken) -> Option<State> {
+        let mut state = State {
+            ledger: Ledger::default(),
+            requeue: Requeue::default(),
+            policy: None,
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.rebuild(&mut state).await {
+                Ok(()) => return Some(state),
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "could not load the governance ledger");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_LOAD_BACKOFF);
+        }
+    }
+
+    async fn rebuild(&self, state: &mut State) -> Result<(), StoreError> {
+        let policy = self.store.get_policy().await?;
+        let tasks = self.store.list_tasks().await?;
+        state.ledger = Ledger::rebuild(&tasks, policy.as_ref(), Timestamp::now());
+        state.policy = policy;
+        tracing::debug!(
+            tasks = tasks.len(),
+            admitted = state.ledger.admitted_tasks(),
+            "governance ledger loaded"
+        );
+        Ok(())
+    }
+
+    async fn refresh_policy(&self, state: &mut State) {
+        match self.store.get_policy().await {
+            Ok(p) => state.policy = p,
+            Err(e) => tracing::warn!(error = %e, "could not re-read the policy"),
+        }
+    }
+
+    async fn resync_all(&self, state: &mut State) {
         match self.store.list_unfinished().await {
             Ok(tasks) => {
                 for t in tasks
                     .iter()
                     .filter(|t| interesting(t.phase(), t.spec.cancel_requested()))
                 {
-                    self.reconcile_one(t).await;
+                    self.reconcile_one(state, t).await;
                 }
             }
             Err(e) => tracing::error!(error = %e, "controller resync failed"),
         }
     }
 
-    async fn reconcile_one(&self, task: &TaskRecord) {
-        match reconcile(&*self.store, &*self.queue, task).await {
-            Ok(Outcome::Moved(phase)) => {
+    /// Reconciles the tasks whose requeue time has come, oldest first (held tasks are admitted
+    /// roughly in the order they arrived), from a fresh read.
+    async fn fire_due(&self, state: &mut State) {
+        let mut tasks = Vec::new();
+        for id in state.requeue.pop_due(Instant::now()) {
+            match self.store.get_task(&id).await {
+                Ok(Some(t)) => tasks.push(t),
+                Ok(None) => {}
+                Err(e) => {
+                    // Try again shortly rather than losing the task until the next resync.
+                    tracing::warn!(task = %id, error = %e, "requeued task not read");
+                    state
+                        .requeue
+                        .schedule(&id, Instant::now() + self.resync.min(MAX_LOAD_BACKOFF));
+                }
+            }
+        }
+        tasks.sort_by_key(|t| t.created_at);
+        for t in tasks
+            .iter()
+            .filter(|t| interesting(t.phase(), t.spec.cancel_requested()))
+        {
+            self.reconcile_one(state, t).await;
+        }
+    }
+
+    async fn reconcile_one(&self, state: &mut State, task: &TaskRecord) {
+        let result =
+            reconcile_with_ledger(&*self.store, &*self.queue, task, &mut state.ledger).await;
+        if let Ok((_, Some(d))) = &result {
+            self.metrics.inc(
+                "agentplane_admission_decisions_total",
+                &[("decision", d.decision), ("reason", &d.reason)],
+            );
+        }
+        match result {
+            Ok((Outcome::Moved(phase), _)) => {
+                state.requeue.cancel(&task.id);
                 self.metrics.inc(
                     "agentplane_task_transitions_total",
                     &[("phase", phase.as_str())],
                 );
             }
-            Ok(Outcome::Unchanged) => {}
+            Ok((Outcome::RequeueAfter(after), _)) => {
+                state
+                    .requeue
+                    .schedule(&task.id, Instant::now() + after.max(MIN_REQUEUE));
+                tracing::debug!(task = %task.id, ?after, held = state.requeue.len(), "held; requeued");
+            }
+            Ok((Outcome::Unchanged, _)) => state.requeue.cancel(&task.id),
             // Someone else wrote first; their write produced a change event that brings us back.
             Err(ControllerError::Store(StoreError::Conflict { .. })) => {
                 tracing::debug!(task = %task.id, "conflict; will reconcile again");
@@ -311,5 +666,179 @@ impl Controller {
                 tracing::error!(task = %task.id, error = %e, "reconcile failed; retried at resync")
             }
         }
+    }
+}
+
+/// Sleeps until `at`; `None` never wakes (the select branch is disabled then anyway).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::DeviceIdentity;
+    use crate::queue::sqlite::SqliteQueue;
+    use crate::store::sqlite::{Db, SqliteStore};
+    use crate::store::{Admission, NewTask};
+    use agentplane_api::device::EdgeDeviceSpec;
+    use agentplane_api::policy::{IntentRule, RateLimit, RateLimitAction, Scope};
+    use agentplane_api::task::AgentTaskSpec;
+
+    #[test]
+    fn requeue_keeps_one_deadline_per_task_in_time_order() {
+        let mut q = Requeue::default();
+        let t0 = Instant::now();
+        q.schedule("a", t0 + Duration::from_secs(5));
+        q.schedule("b", t0 + Duration::from_secs(1));
+        // Rescheduling replaces the earlier deadline instead of adding a second entry.
+        q.schedule("a", t0 + Duration::from_secs(2));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.next(), Some(t0 + Duration::from_secs(1)));
+        assert!(q.pop_due(t0).is_empty());
+        assert_eq!(q.pop_due(t0 + Duration::from_secs(3)), ["b", "a"]);
+        assert_eq!((q.len(), q.next()), (0, None));
+        q.schedule("c", t0);
+        q.cancel("c");
+        assert_eq!((q.len(), q.next()), (0, None));
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<SqliteStore>,
+        queue: Arc<SqliteQueue>,
+        device: DeviceIdentity,
+        seq: u64,
+    }
+
+    impl Fixture {
+        async fn new(action: RateLimitAction) -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Db::open(&dir.path().join("db.sqlite")).unwrap();
+            let store = SqliteStore::new(db.clone(), "default");
+            let queue = SqliteQueue::new(db, "tasks", None);
+            let mut policy = crate::runtime::default_policy();
+            policy.intents.push(IntentRule {
+                kind: "summarize".into(),
+                allowed: true,
+                requires_approval: false,
+                privacy_levels: vec![],
+                rate_limits: vec![RateLimit {
+                    scope: Scope::Device,
+                    requests: 1,
+                    period_seconds: 3600,
+                }],
+                on_rate_limit: action,
+            });
+            store.put_policy(policy).await.unwrap();
+            let device = DeviceIdentity::generate("kiosk-1").unwrap();
+            store
+                .put_device(
+                    "kiosk-1",
+                    EdgeDeviceSpec {
+                        public_keys: vec![device.public_key()],
+                        owner: "o".into(),
+                        allowed_intents: vec![],
+                        revoked: false,
+                    },
+                )
+                .await
+                .unwrap();
+            Fixture {
+                _dir: dir,
+                store,
+                queue,
+                device,
+                seq: 0,
+            }
+        }
+
+        async fn task(&mut self) -> TaskRecord {
+            self.seq += 1;
+            let payload = self.device.intent(self.seq, "summarize", "hi");
+            let spec = AgentTaskSpec::for_payload(self.device.sign(&payload).unwrap(), &payload);
+            let new = NewTask {
+                id: payload.task_id.clone(),
+                spec,
+                seq: self.seq,
+                trace_id: None,
+            };
+            match self.store.admit(new).await.unwrap() {
+                Admission::Created(t) => t,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_single_step_rebuilds_the_ledger_from_the_store() {
+        let mut f = Fixture::new(RateLimitAction::Deny).await;
+        let first = f.task().await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &first).await.unwrap(),
+            Outcome::Moved(TaskPhase::Queued)
+        );
+        let queued = f.store.get_task(&first.id).await.unwrap().unwrap();
+        let cond = &queued.status.conditions[0];
+        assert_eq!(
+            (
+                cond.type_.as_str(),
+                cond.status.as_str(),
+                cond.reason.as_str()
+            ),
+            ("Admitted", "True", "WithinPolicy")
+        );
+        // No ledger is carried between the two calls: the second finds the first in the store.
+        let second = f.task().await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &second).await.unwrap(),
+            Outcome::Moved(TaskPhase::Denied)
+        );
+        let denied = f.store.get_task(&second.id).await.unwrap().unwrap();
+        let reason = denied.status.reason.unwrap();
+        assert!(reason.starts_with("rate_limited: "), "{reason}");
+        assert!(reason.ends_with("s"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_held_task_is_marked_once_and_requeued() {
+        let mut f = Fixture::new(RateLimitAction::Hold).await;
+        let mut ledger = Ledger::default();
+        let first = f.task().await;
+        let (outcome, decision) = reconcile_with_ledger(&*f.store, &*f.queue, &first, &mut ledger)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Moved(TaskPhase::Queued));
+        assert_eq!(
+            decision,
+            Some(AdmissionDecision::new("admitted", "within_policy"))
+        );
+        let second = f.task().await;
+        let (outcome, decision) = reconcile_with_ledger(&*f.store, &*f.queue, &second, &mut ledger)
+            .await
+            .unwrap();
+        let Outcome::RequeueAfter(after) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(after > Duration::from_secs(3590) && after <= Duration::from_secs(3600));
+        assert_eq!(
+            decision,
+            Some(AdmissionDecision::new("held", "rate_limited"))
+        );
+        let held = f.store.get_task(&second.id).await.unwrap().unwrap();
+        assert_eq!(held.phase(), TaskPhase::Pending);
+        assert_eq!(held.status.conditions[0].reason, "RateLimited");
+        // Looking again writes nothing new.
+        let (outcome, _) = reconcile_with_ledger(&*f.store, &*f.queue, &held, &mut ledger)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::RequeueAfter(_)));
+        assert_eq!(
+            f.store.get_task(&second.id).await.unwrap().unwrap().version,
+            held.version
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The task store: tasks, devices, the namespace's policy and enrollment join tokens.
 //!
 //! Two implementations share this trait: the embedded SQLite store (`sqlite`) used by `agentplane dev`,
-//! and (issue 3) the Kubernetes API, where a record is a custom resource. The trait is shaped so that
+//! and the Kubernetes API (`kubernetes`), where a record is a custom resource. The trait is shaped so that
 //! mapping stays direct:
 //! - [`Version`] is an opaque token, the resourceVersion in Kubernetes; every write that depends on
 //!   what was read is conditional on it, which is what makes a worker's completion write exactly-once.
@@ -9,6 +9,7 @@
 //!   only through [`TaskStore::request_cancel`] (the one mutable spec field).
 //! - [`TaskStore::changes`] is the watch: a best-effort wake-up signal, never the source of truth.
 
+pub mod kubernetes;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -158,6 +159,11 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Tasks not in a terminal phase, for resyncs.
     async fn list_unfinished(&self) -> Result<Vec<TaskRecord>, StoreError>;
 
+    /// Every task of the namespace in any phase, oldest first: the governance ledger (rate-limit
+    /// windows, budget spend) is rebuilt from it when the controller starts, so a restart does not
+    /// reset a limit.
+    async fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
+
     /// Writes a task's status if its version is still `expected`. The phase change must be an edge of
     /// the phase machine ([`TaskPhase::can_move_to`]); implementations check it again inside the write.
     async fn update_task_status(
@@ -214,9 +220,136 @@ pub async fn write_status(
             to,
         });
     }
+    let mut status = status;
+    stamp_conditions(&task.status, &mut status, Timestamp::now());
     store
         .update_task_status(&task.id, &task.version, status)
         .await
+}
+
+/// Condition types on an AgentTask's status, the Kubernetes way of saying what happened and when:
+/// - `Admitted`: True once the controller queued the task or parked it for approval, False when it
+///   denied it (reason `Denied`, the denial in the message);
+/// - `Approved`: an approver's decision, with the approver in the message;
+/// - `Running`: True from the moment a worker took the task;
+/// - `Completed`: True in a terminal phase, the phase as reason.
+pub const CONDITION_ADMITTED: &str = "Admitted";
+pub const CONDITION_APPROVED: &str = "Approved";
+pub const CONDITION_RUNNING: &str = "Running";
+pub const CONDITION_COMPLETED: &str = "Completed";
+
+/// Longest condition message kept (the API's limit is 32 KiB).
+const MAX_CONDITION_MESSAGE: usize = 4096;
+
+/// Brings `new.conditions` in line with the move from `old` to `new`.
+pub fn stamp_conditions(old: &AgentTaskStatus, new: &mut AgentTaskStatus, now: Timestamp) {
+    let (from, to) = (old.phase(), new.phase());
+    let reason_text = new.reason.clone().unwrap_or_default();
+    if from != to {
+        match to {
+            // The controller stamps its own admission (with the governance reason); fill in only
+            // when a writer did not.
+            TaskPhase::Queued | TaskPhase::AwaitingApproval
+                if from == TaskPhase::Pending && admitted_at(new).is_none() =>
+            {
+                set_condition(
+                    new,
+                    CONDITION_ADMITTED,
+                    true,
+                    "WithinPolicy",
+                    "admitted by policy",
+                    now,
+                )
+            }
+            TaskPhase::Denied => {
+                set_condition(new, CONDITION_ADMITTED, false, "Denied", &reason_text, now)
+            }
+            TaskPhase::Running => set_condition(
+                new,
+                CONDITION_RUNNING,
+                true,
+                "Running",
+                "taken by a worker",
+                now,
+            ),
+            _ => {}
+        }
+        if to.is_terminal() {
+            set_condition(
+                new,
+                CONDITION_COMPLETED,
+                true,
+                to.as_str(),
+                &reason_text,
+                now,
+            );
+            if from == TaskPhase::Running {
+                set_condition(new, CONDITION_RUNNING, false, to.as_str(), "", now);
+            }
+        }
+    }
+    if new.approval != old.approval
+        && let Some(a) = new.approval.clone()
+    {
+        let approved = a.decision == agentplane_api::task::ApprovalDecision::Approved;
+        let message = format!("by {}", a.approver);
+        set_condition(
+            new,
+            CONDITION_APPROVED,
+            approved,
+            if approved { "Approved" } else { "Denied" },
+            &message,
+            now,
+        );
+    }
+}
+
+/// Upserts one condition; its transition time moves only when its status flips.
+fn set_condition(
+    status: &mut AgentTaskStatus,
+    kind: &str,
+    value: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    let value = if value { "True" } else { "False" };
+    let mut message = message.to_owned();
+    if message.len() > MAX_CONDITION_MESSAGE {
+        let mut cut = MAX_CONDITION_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    match status.conditions.iter_mut().find(|c| c.type_ == kind) {
+        Some(c) => {
+            if c.status != value {
+                c.last_transition_time = Time(now);
+            }
+            c.status = value.to_owned();
+            c.reason = reason.to_owned();
+            c.message = message;
+        }
+        None => status.conditions.push(Condition {
+            type_: kind.to_owned(),
+            status: value.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            last_transition_time: Time(now),
+            observed_generation: None,
+        }),
+    }
+}
+
+/// When the task was admitted (its `Admitted` condition turned True), if it was.
+pub fn admitted_at(status: &AgentTaskStatus) -> Option<Timestamp> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_ADMITTED && c.status == "True")
+        .map(|c| c.last_transition_time.0)
 }
 
 /// SHA-256 of a secret (join tokens, approver tokens), hex: only hashes are stored or compared.

@@ -15,9 +15,12 @@ use agentplane_api::task::{AgentTaskStatus, QueueStatus, Usage};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::models::{ModelClient, ModelError};
-use crate::queue::{Delivery, DynQueue, LeaseId, QueueError, QueueMessage};
+use crate::models::{ModelCall, ModelClient, ModelError, idempotency_key};
+use crate::queue::{ATTR_TRACEPARENT, Delivery, DynQueue, LeaseId, QueueError, QueueMessage};
 use crate::store::{DynStore, StoreError, TaskRecord, write_status};
+
+/// Most messages one receive asks for (SQS's ReceiveMessage limit).
+pub const MAX_RECEIVE_BATCH: usize = 10;
 
 /// Longest a worker waits for the controller to record Queued after seeing its message.
 const SETTLE_WAIT: Duration = Duration::from_secs(2);
@@ -83,11 +86,9 @@ impl Worker {
     /// Runs the consumers and the dead-letter reaper until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..self.config.concurrency.max(1) {
-            let w = self.clone();
-            let s = shutdown.clone();
-            tasks.spawn(async move { w.consume(s).await });
-        }
+        let w = self.clone();
+        let s = shutdown.clone();
+        tasks.spawn(async move { w.consume(s).await });
         let w = self.clone();
         let s = shutdown.clone();
         tasks.spawn(async move { w.reap_dead_letters(s).await });
@@ -95,42 +96,76 @@ impl Worker {
         tracing::info!("worker stopped");
     }
 
-    async fn consume(&self, shutdown: CancellationToken) {
+    /// One receive loop feeding up to `concurrency` handlers: each receive asks for as many messages
+    /// as there are free slots (at most [`MAX_RECEIVE_BATCH`], SQS's limit), so nothing received
+    /// waits for a slot while its visibility timeout runs. On shutdown, no new message is taken and
+    /// the handlers in flight finish (their model calls are bounded by `call_timeout`).
+    async fn consume(self: Arc<Self>, shutdown: CancellationToken) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
+        let mut running = tokio::task::JoinSet::new();
         while !shutdown.is_cancelled() {
+            while running.try_join_next().is_some() {}
             // The kill switch: while the policy is suspended, nothing new is taken off the queue.
             match self.store.get_policy().await {
                 Ok(Some(p)) if p.suspend => {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(self.config.wait) => continue,
+                        _ = tokio::time::sleep(self.config.wait.min(Duration::from_secs(1))) => continue,
                     }
                 }
                 _ => {}
             }
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let mut permits = vec![first];
+            while permits.len() < MAX_RECEIVE_BATCH {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             let received = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.queue.receive(1, self.config.visibility, self.config.wait) => r,
+                r = self.queue.receive(permits.len(), self.config.visibility, self.config.wait) => r,
             };
             match received {
                 Ok(deliveries) => {
                     for d in deliveries {
-                        match self.handle(&d).await {
-                            Ok(outcome) => {
-                                tracing::debug!(message = %d.message_id, ?outcome, "handled")
-                            }
-                            Err(e) => {
+                        let Some(permit) = permits.pop() else {
+                            // A queue answering more than asked: leave the extra to its timeout.
+                            tracing::warn!(message = %d.message_id, "received more messages than asked for");
+                            continue;
+                        };
+                        let w = self.clone();
+                        running.spawn(async move {
+                            match w.handle(&d).await {
+                                Ok(outcome) => {
+                                    tracing::debug!(message = %d.message_id, ?outcome, "handled")
+                                }
                                 // Leave the message to its visibility timeout: redelivery retries it.
-                                tracing::error!(message = %d.message_id, error = %e, "handling failed");
+                                Err(e) => {
+                                    tracing::error!(message = %d.message_id, error = %e, "handling failed")
+                                }
                             }
-                        }
+                            drop(permit);
+                        });
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "receive failed");
-                    tokio::time::sleep(self.config.retry_delay).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(self.config.retry_delay) => {}
+                    }
                 }
             }
         }
+        while running.join_next().await.is_some() {}
     }
 
     /// Handles one delivery.
@@ -194,6 +229,14 @@ impl Worker {
         };
         self.metrics
             .inc("agentplane_task_transitions_total", &[("phase", "Running")]);
+        if let Some(admitted) = crate::store::admitted_at(&running.status) {
+            let lag = jiff::Timestamp::now().duration_since(admitted);
+            self.metrics.observe(
+                "agentplane_queue_lag_seconds",
+                &[],
+                lag.as_secs_f64().max(0.0),
+            );
+        }
         self.run_task(d, &msg, running).await
     }
 
@@ -274,11 +317,17 @@ impl Worker {
             self.config.visibility,
             stop.clone(),
         ));
-        let call = tokio::time::timeout(
-            self.config.call_timeout,
-            self.models
-                .complete(&tier, &payload.intent.prompt, &payload.intent.params),
-        );
+        // Step 1 is the task's one model call; every attempt at it carries the same key.
+        let step_key = idempotency_key(&running.id, 1);
+        let model_call = ModelCall {
+            tier: &tier,
+            prompt: &payload.intent.prompt,
+            params: &payload.intent.params,
+            idempotency_key: &step_key,
+            traceparent: d.attributes.get(ATTR_TRACEPARENT).map(String::as_str),
+        };
+        let call =
+            tokio::time::timeout(self.config.call_timeout, self.models.complete(&model_call));
         let result = tokio::select! {
             r = call => Some(r),
             _ = stop.cancelled() => None,
@@ -298,6 +347,13 @@ impl Worker {
                 return self
                     .fail(d, &running, &format!("unsupported model endpoint: {e}"))
                     .await;
+            }
+            Some(Ok(Err(e @ ModelError::Rejected(_)))) => {
+                self.metrics.inc(
+                    "agentplane_model_calls_total",
+                    &[("tier", &tier.name), ("outcome", "rejected")],
+                );
+                return self.fail(d, &running, &e.to_string()).await;
             }
             Some(Ok(Err(e @ ModelError::Failed(_)))) => {
                 self.metrics.inc(

@@ -1,0 +1,422 @@
+//! [`AuditedStore`]: a [`TaskStore`] that records every admission, phase transition, approval and cancel
+//! request in the audit log, right after the underlying write commits.
+//!
+//! # When the audit append fails
+//!
+//! The store write has already committed when the append runs (the log is a separate file, or in the
+//! distributed mode a separate system: there is no shared transaction). A leaf that is never appended is
+//! a gap the verifier cannot see, so losing one silently is the worst outcome. The wrapper therefore:
+//!
+//! 1. returns [`StoreError::Backend`] for that write, naming the audit failure. Callers already handle a
+//!    write that committed but was not acknowledged — a crash or a lost response does the same — by
+//!    re-reading, and their writes are conditional, so the error cannot cause a double effect;
+//! 2. keeps the unappended events in a bounded in-memory backlog, oldest first;
+//! 3. fails closed: while the backlog is not empty, every further write first retries the backlog and is
+//!    refused, before touching the store, if that still fails. No new unaudited write can happen, and a
+//!    transient fault (disk full, a moment of I/O errors) heals without a gap;
+//! 4. counts failures ([`AuditedStore::append_failures`]) for metrics and logs each one.
+//!
+//! What remains invisible is a process crash between the store commit and the append (or with a
+//! backlog). Admissions heal on resubmission (an `Existing` admission re-appends its idempotent event).
+//!
+//! # Event keys and `auditSeq`
+//!
+//! Keys are `ns/task/admitted`, `ns/task@<version>/phase`, `ns/task@<version>/approval` and
+//! `ns/task/cancel-requested`. Versions are unique per write (a resourceVersion in Kubernetes), so the
+//! redelivery edge Running -> Queued -> Running records every pass while a replay of the same write is
+//! recorded once. The record returned by a write carries `status.auditSeq` = the seq of the leaf just
+//! appended (not persisted by that write, which had committed already); callers derive their next status
+//! from it, so the next write of the task stores it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use agentplane_api::TaskPhase;
+use agentplane_api::device::EdgeDeviceSpec;
+use agentplane_api::policy::AgentPolicySpec;
+use agentplane_api::task::{AgentTaskStatus, Approval};
+use async_trait::async_trait;
+use jiff::Timestamp;
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use super::log::AuditLog;
+use super::{AuditEvent, EventKind};
+use crate::store::{
+    Admission, DeviceRecord, DynStore, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
+    TaskRecord, TaskStore, Version,
+};
+
+/// Most events kept for retry after append failures; beyond this the oldest are dropped (and counted).
+const MAX_BACKLOG: usize = 10_000;
+
+/// Most tasks whose last seen phase is remembered (to know a write's `from` phase without a read).
+const MAX_KNOWN: usize = 50_000;
+
+/// What the wrapper last saw of a task.
+#[derive(Clone)]
+struct Known {
+    version: Version,
+    phase: TaskPhase,
+    approval: Option<Approval>,
+}
+
+impl Known {
+    fn of(t: &TaskRecord) -> Self {
+        Known {
+            version: t.version.clone(),
+            phase: t.phase(),
+            approval: t.status.approval.clone(),
+        }
+    }
+}
+
+pub struct AuditedStore {
+    inner: DynStore,
+    log: Arc<AuditLog>,
+    backlog: Mutex<VecDeque<(String, AuditEvent)>>,
+    backlog_len: AtomicUsize,
+    flushing: tokio::sync::Mutex<()>,
+    failures: AtomicU64,
+    dropped: AtomicU64,
+    known: Mutex<HashMap<String, Known>>,
+}
+
+impl AuditedStore {
+    pub fn new(inner: DynStore, log: Arc<AuditLog>) -> Arc<Self> {
+        Arc::new(AuditedStore {
+            inner,
+            log,
+            backlog: Mutex::new(VecDeque::new()),
+            backlog_len: AtomicUsize::new(0),
+            flushing: tokio::sync::Mutex::new(()),
+            failures: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            known: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn log(&self) -> &Arc<AuditLog> {
+        &self.log
+    }
+
+    /// Appends that failed after their write committed (each is retried from the backlog).
+    pub fn append_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Events waiting in the backlog.
+    pub fn pending(&self) -> usize {
+        self.backlog_len.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped because the backlog was full: gaps in the log.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn remember(&self, t: &TaskRecord) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if t.phase().is_terminal() {
+            known.remove(&t.id);
+            return;
+        }
+        if known.len() >= MAX_KNOWN && !known.contains_key(&t.id) {
+            // Only a cache: forgetting costs one read per write until it refills.
+            known.clear();
+        }
+        known.insert(t.id.clone(), Known::of(t));
+    }
+
+    /// The task as it is at `expected`, from the cache or the store.
+    async fn prior(&self, id: &str, expected: &Version) -> Result<Option<Known>, StoreError> {
+        let cached = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|k| &k.version == expected)
+            .cloned();
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        // If the stored version differs, the conditional write below fails anyway.
+        Ok(self
+            .inner
+            .get_task(id)
+            .await?
+            .filter(|t| &t.version == expected)
+            .map(|t| Known::of(&t)))
+    }
+
+    /// Retries the backlog; refuses (before any store write) while it cannot be emptied.
+    async fn ready(&self) -> Result<(), StoreError> {
+        if self.backlog_len.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let _one = self.flushing.lock().await;
+        loop {
+            let next = self
+                .backlog
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .front()
+                .cloned();
+            let Some((key, event)) = next else {
+                return Ok(());
+            };
+            match self.log.append(key, event).await {
+                Ok(_) => {
+                    self.backlog
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .pop_front();
+                    self.backlog_len.fetch_sub(1, Ordering::Release);
+                }
+                Err(e) => {
+                    return Err(StoreError::Backend(format!(
+                        "audit log unavailable ({} events waiting to be recorded), refusing writes: {e}",
+                        self.pending()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Appends `events` in order; returns the seq of the last.
+    async fn record(&self, events: Vec<(String, AuditEvent)>) -> Result<Option<u64>, StoreError> {
+        let mut last = None;
+        let mut events = events.into_iter();
+        while let Some((key, event)) = events.next() {
+            match self.log.append(key.clone(), event.clone()).await {
+                Ok(a) => last = Some(a.seq),
+                Err(e) => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    let task = event.task.clone();
+                    self.keep(std::iter::once((key, event)).chain(events));
+                    tracing::error!(
+                        error = %e,
+                        task = %task,
+                        "audit append failed after the store write committed; kept for retry"
+                    );
+                    return Err(StoreError::Backend(format!(
+                        "task {task}: the write committed but its audit record could not be appended (kept for retry): {e}"
+                    )));
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    fn keep(&self, events: impl Iterator<Item = (String, AuditEvent)>) {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        for e in events {
+            if backlog.len() >= MAX_BACKLOG
+                && let Some((key, _)) = backlog.pop_front()
+            {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(key = %key, "audit backlog full: event dropped, the log has a gap");
+            }
+            backlog.push_back(e);
+        }
+        self.backlog_len.store(backlog.len(), Ordering::Release);
+    }
+
+    fn event(&self, kind: EventKind, task: &str) -> AuditEvent {
+        AuditEvent::new(kind, self.inner.namespace(), task)
+    }
+
+    fn key(&self, task: &str, suffix: &str) -> String {
+        format!("{}/{task}{suffix}", self.inner.namespace())
+    }
+
+    fn admission_event(&self, task: &NewTask) -> (String, AuditEvent) {
+        let mut e = self.event(EventKind::Admission, &task.id);
+        e.to = Some(TaskPhase::Pending);
+        e.actor = Some(format!("device/{}", task.spec.device_ref.name));
+        e.details = json!({
+            "userId": task.spec.user_id,
+            "intentType": task.spec.intent_type,
+            "privacyLevel": task.spec.privacy_level,
+            "deviceSeq": task.seq,
+            "traceId": task.trace_id,
+        });
+        (self.key(&task.id, "/admitted"), e)
+    }
+
+    /// The events one status write produced: an approval if one appeared or changed, then the phase move.
+    fn status_events(&self, prior: &Known, written: &TaskRecord) -> Vec<(String, AuditEvent)> {
+        let status: &AgentTaskStatus = &written.status;
+        let (from, to) = (prior.phase, written.phase());
+        let version = &written.version;
+        let mut out = Vec::new();
+        if let Some(approval) = &status.approval
+            && prior.approval.as_ref() != Some(approval)
+        {
+            let mut e = self.event(EventKind::Approval, &written.id);
+            e.from = Some(from);
+            e.to = Some(to);
+            e.actor = Some(approval.approver.clone());
+            e.reason = approval.comment.clone();
+            e.details = json!({
+                "decision": approval.decision,
+                "decidedAt": approval.decided_at,
+                "version": version.0,
+            });
+            out.push((self.key(&written.id, &format!("@{version}/approval")), e));
+        }
+        if from != to {
+            // Admission control's verdict on a pending task is a policy decision; the rest are moves
+            // of the machine (including the ones an approval causes, recorded just above).
+            let kind = match (from, to) {
+                (
+                    TaskPhase::Pending,
+                    TaskPhase::Denied | TaskPhase::AwaitingApproval | TaskPhase::Queued,
+                ) => EventKind::Decision,
+                _ => EventKind::Transition,
+            };
+            let mut e = self.event(kind, &written.id);
+            e.from = Some(from);
+            e.to = Some(to);
+            e.reason = status.reason.clone();
+            let mut details = serde_json::Map::new();
+            details.insert("version".into(), json!(version.0));
+            if let Some(m) = &status.model {
+                details.insert("model".into(), json!(m));
+            }
+            if to.is_terminal()
+                && let Some(u) = &status.usage
+            {
+                details.insert("usage".into(), json!(u));
+            }
+            if let Some(t) = &status.trace_id {
+                details.insert("traceId".into(), json!(t));
+            }
+            e.details = serde_json::Value::Object(details);
+            out.push((self.key(&written.id, &format!("@{version}/phase")), e));
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl TaskStore for AuditedStore {
+    fn namespace(&self) -> &str {
+        self.inner.namespace()
+    }
+
+    async fn admit(&self, task: NewTask) -> Result<Admission, StoreError> {
+        self.ready().await?;
+        let event = self.admission_event(&task);
+        match self.inner.admit(task).await? {
+            Admission::Created(mut t) => {
+                t.status.audit_seq = self.record(vec![event]).await?;
+                self.remember(&t);
+                Ok(Admission::Created(t))
+            }
+            Admission::Existing(t) => {
+                // Idempotent: a no-op when the admission is recorded, the repair when a crash lost it.
+                self.record(vec![event]).await?;
+                Ok(Admission::Existing(t))
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let t = self.inner.get_task(id).await?;
+        if let Some(t) = &t {
+            self.remember(t);
+        }
+        Ok(t)
+    }
+
+    async fn list_unfinished(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let tasks = self.inner.list_unfinished().await?;
+        for t in &tasks {
+            self.remember(t);
+        }
+        Ok(tasks)
+    }
+
+    async fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.inner.list_tasks().await
+    }
+
+    async fn update_task_status(
+        &self,
+        id: &str,
+        expected: &Version,
+        status: AgentTaskStatus,
+    ) -> Result<TaskRecord, StoreError> {
+        self.ready().await?;
+        let prior = self.prior(id, expected).await?;
+        let mut written = self.inner.update_task_status(id, expected, status).await?;
+        // A successful conditional write means the task was at `expected`, which `prior` read.
+        let prior = prior.unwrap_or_else(|| Known {
+            version: expected.clone(),
+            phase: TaskPhase::Pending,
+            approval: None,
+        });
+        let events = self.status_events(&prior, &written);
+        if let Some(seq) = self.record(events).await? {
+            written.status.audit_seq = Some(seq);
+        }
+        self.remember(&written);
+        Ok(written)
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<TaskRecord, StoreError> {
+        self.ready().await?;
+        let mut t = self.inner.request_cancel(id).await?;
+        let mut e = self.event(EventKind::Decision, id);
+        e.from = Some(t.phase());
+        e.reason = Some("cancel requested".into());
+        e.details = json!({ "version": t.version.0 });
+        if let Some(seq) = self
+            .record(vec![(self.key(id, "/cancel-requested"), e)])
+            .await?
+        {
+            t.status.audit_seq = Some(seq);
+        }
+        self.remember(&t);
+        Ok(t)
+    }
+
+    async fn get_device(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.inner.get_device(name).await
+    }
+
+    async fn put_device(
+        &self,
+        name: &str,
+        spec: EdgeDeviceSpec,
+    ) -> Result<DeviceRecord, StoreError> {
+        self.inner.put_device(name, spec).await
+    }
+
+    async fn enroll(&self, enrollment: Enrollment) -> Result<EnrollOutcome, StoreError> {
+        self.inner.enroll(enrollment).await
+    }
+
+    async fn add_join_token(
+        &self,
+        token_hash: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.inner.add_join_token(token_hash, expires_at).await
+    }
+
+    async fn get_policy(&self) -> Result<Option<AgentPolicySpec>, StoreError> {
+        self.inner.get_policy().await
+    }
+
+    async fn put_policy(&self, spec: AgentPolicySpec) -> Result<(), StoreError> {
+        self.inner.put_policy(spec).await
+    }
+
+    fn changes(&self) -> broadcast::Receiver<TaskChanged> {
+        self.inner.changes()
+    }
+}

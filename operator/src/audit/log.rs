@@ -1,0 +1,1058 @@
+//! The append-only audit log: one SQLite file (WAL, `synchronous=FULL`) holding the leaves, the
+//! perfect-subtree hashes completed so far, the signing keys and the signed checkpoints.
+//!
+//! Like the task store, one OS thread owns the connection and is fed by a bounded channel. Appends that
+//! arrive while it is busy are committed together (group commit): one transaction and one fsync for the
+//! batch, each caller answered after the commit. The thread keeps the tree's right edge
+//! ([`Frontier`]) in memory, so an append hashes O(log n) (amortised O(1)) nodes and stores every node it
+//! completes; roots and proofs for any size are then answered from O(log² n) stored nodes, never by
+//! rehashing the leaves. The offline verifier does not trust those nodes: it recomputes everything from
+//! the leaf bytes (see `verify`).
+//!
+//! Appends are idempotent by an event key chosen by the caller (e.g. `ns/task@version/phase`): appending
+//! a key again returns the seq it already has, so a replayed watch event or a retried write never adds
+//! a second leaf.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::AuditEvent;
+use super::checkpoint::{
+    CheckpointSigner, SignatureAlgorithm, SignedCheckpoint, SignerError, TrustedKey, check_origin,
+};
+use super::merkle::{
+    self, Frontier, Hash, MerkleError, NodeId, decompose, empty_root, fold_right, leaf_hash,
+};
+
+/// `meta.format` of a log this code can read.
+pub const FORMAT: &str = "agentplane-audit-log v1";
+
+/// Jobs waiting for the log's thread; senders wait (backpressure) when it is full.
+const JOB_QUEUE_DEPTH: usize = 1024;
+
+/// Most appends committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- seq is the leaf index; data is the canonical JSON of the event, exactly the bytes that are hashed.
+CREATE TABLE IF NOT EXISTS leaves (
+    seq INTEGER PRIMARY KEY,
+    event_key TEXT NOT NULL UNIQUE,
+    data BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+-- Perfect subtrees above the leaves: 2^level leaves starting at leaf idx << level.
+CREATE TABLE IF NOT EXISTS nodes (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY,
+    algorithm TEXT NOT NULL,
+    spki BLOB NOT NULL
+);
+-- consistency: the proof (concatenated 32-byte hashes) from the previous checkpoint to this one.
+CREATE TABLE IF NOT EXISTS checkpoints (
+    idx INTEGER PRIMARY KEY,
+    size INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    signature BLOB NOT NULL,
+    consistency BLOB NOT NULL
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("audit log {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("audit log database: {0}")]
+    Sql(String),
+    #[error("the audit log's database thread has stopped")]
+    Closed,
+    #[error("audit log {path} was created for origin {found:?}, not {expected:?}")]
+    OriginMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    /// The stored tree does not match what was signed, or rows are missing. Nothing is appended to a log
+    /// in this state; `agentplane audit verify` names the first bad position.
+    #[error("audit log is damaged: {0}; run `agentplane audit verify` on it")]
+    Corrupt(String),
+    #[error("leaf {seq} is not in the log (size {size})")]
+    NoSuchLeaf { seq: u64, size: u64 },
+    #[error(transparent)]
+    Signer(#[from] SignerError),
+    #[error(transparent)]
+    Merkle(#[from] MerkleError),
+    #[error("encoding an audit event: {0}")]
+    Encode(String),
+}
+
+impl From<rusqlite::Error> for LogError {
+    fn from(e: rusqlite::Error) -> Self {
+        LogError::Sql(e.to_string())
+    }
+}
+
+/// Where the log lives and when it signs.
+#[derive(Clone, Debug)]
+pub struct AuditLogConfig {
+    pub path: PathBuf,
+    /// Names the log in every checkpoint (e.g. `agentplane.dev/audit/<namespace>`); fixed at creation.
+    pub origin: String,
+    /// Sign a checkpoint once this many leaves were appended since the last one.
+    pub checkpoint_every: u64,
+    /// ... or this long after the last one, if any leaf was appended since.
+    pub checkpoint_interval: Duration,
+}
+
+impl AuditLogConfig {
+    pub fn new(path: impl Into<PathBuf>, origin: impl Into<String>) -> Self {
+        AuditLogConfig {
+            path: path.into(),
+            origin: origin.into(),
+            checkpoint_every: 256,
+            checkpoint_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The result of an append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    /// False when the event key was already in the log (nothing was written).
+    pub new: bool,
+}
+
+/// One stored leaf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    pub seq: u64,
+    pub data: Vec<u8>,
+    pub hash: Hash,
+}
+
+impl Leaf {
+    pub fn event(&self) -> Result<AuditEvent, serde_json::Error> {
+        AuditEvent::from_leaf(&self.data)
+    }
+}
+
+type Call = Box<dyn FnOnce(&mut State) + Send>;
+
+enum Job {
+    Append {
+        key: String,
+        event: AuditEvent,
+        reply: oneshot::Sender<Result<Appended, LogError>>,
+    },
+    Call(Call),
+    /// Closes the database and stops the thread; answered once the connection is closed.
+    Close(oneshot::Sender<()>),
+}
+
+/// What the log's thread owns.
+struct State {
+    conn: Connection,
+    origin: String,
+    frontier: Frontier,
+    last_checkpoint: Option<SignedCheckpoint>,
+    since_checkpoint: u64,
+    checkpoint_every: u64,
+    due: Arc<Notify>,
+}
+
+/// The audit log. Cheap to share (`Arc`); dropping the last handle stops its checkpoint timer and, once
+/// queued jobs are done, its thread.
+pub struct AuditLog {
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+    origin: String,
+    signer: Arc<dyn CheckpointSigner>,
+    /// One checkpoint at a time: each is signed over the head it read and stored with the next index.
+    checkpointing: tokio::sync::Mutex<()>,
+    stop: CancellationToken,
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl AuditLog {
+    /// Opens (creating if needed) the log at `config.path`, checks the stored tree still matches its last
+    /// checkpoint, records the signer's public key, and starts the checkpoint timer. Must run inside a
+    /// tokio runtime.
+    pub async fn open(
+        config: AuditLogConfig,
+        signer: Arc<dyn CheckpointSigner>,
+    ) -> Result<Arc<AuditLog>, LogError> {
+        check_origin(&config.origin)?;
+        let due = Arc::new(Notify::new());
+        let state = {
+            let (cfg, key, due) = (config.clone(), signer.public_key().clone(), due.clone());
+            tokio::task::spawn_blocking(move || open_state(&cfg, &key, due))
+                .await
+                .map_err(|e| LogError::Open {
+                    path: config.path.clone(),
+                    reason: e.to_string(),
+                })??
+        };
+        let (jobs, rx) = mpsc::channel::<Job>(JOB_QUEUE_DEPTH);
+        std::thread::Builder::new()
+            .name("agentplane-audit".into())
+            .spawn(move || run_thread(state, rx))
+            .map_err(|e| LogError::Open {
+                path: config.path.clone(),
+                reason: e.to_string(),
+            })?;
+        let log = Arc::new(AuditLog {
+            jobs,
+            path: config.path.clone(),
+            origin: config.origin.clone(),
+            signer,
+            checkpointing: tokio::sync::Mutex::new(()),
+            stop: CancellationToken::new(),
+        });
+        spawn_checkpointer(
+            Arc::downgrade(&log),
+            log.stop.clone(),
+            due,
+            config.checkpoint_interval,
+        );
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn public_key(&self) -> &TrustedKey {
+        self.signer.public_key()
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T, LogError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut State) -> Result<T, LogError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Call = Box::new(move |state| {
+            // The caller may have gone away; the result is then dropped.
+            let _ = tx.send(f(state));
+        });
+        self.jobs
+            .send(Job::Call(job))
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Appends `event` under `key` (the event's `seq` is assigned here), or returns the seq already
+    /// recorded for `key`. Returns once the leaf is fsynced.
+    pub async fn append(
+        &self,
+        key: impl Into<String>,
+        event: AuditEvent,
+    ) -> Result<Appended, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Append {
+                key: key.into(),
+                event,
+                reply,
+            })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Stops the checkpoint timer and closes the database (after the jobs queued before this call).
+    /// Later calls on this handle fail with [`LogError::Closed`]. Sign a last checkpoint first if the
+    /// tail should be covered.
+    pub async fn close(&self) -> Result<(), LogError> {
+        self.stop.cancel();
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Close(tx)).await.is_err() {
+            return Ok(());
+        }
+        rx.await.map_err(|_| LogError::Closed)
+    }
+
+    /// The number of leaves.
+    pub async fn size(&self) -> Result<u64, LogError> {
+        self.call(|s| Ok(s.frontier.size())).await
+    }
+
+    /// The current tree head: (size, root).
+    pub async fn head(&self) -> Result<(u64, Hash), LogError> {
+        self.call(|s| Ok((s.frontier.size(), s.frontier.root())))
+            .await
+    }
+
+    /// MTH of the first `size` leaves.
+    pub async fn root_at(&self, size: u64) -> Result<Hash, LogError> {
+        self.call(move |s| {
+            check_size(size, s.frontier.size())?;
+            if size == 0 {
+                return Ok(empty_root());
+            }
+            subtree(&s.conn, 0, size)
+        })
+        .await
+    }
+
+    pub async fn leaf(&self, seq: u64) -> Result<Option<Leaf>, LogError> {
+        self.call(move |s| read_leaf(&s.conn, seq)).await
+    }
+
+    /// The audit path of leaf `seq` in the tree of the first `size` leaves.
+    pub async fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Vec<Hash>, LogError> {
+        self.call(move |s| {
+            check_size(size, s.frontier.size())?;
+            merkle::inclusion_proof(seq, size, |a, b| subtree(&s.conn, a, b))
+        })
+        .await
+    }
+
+    /// The consistency proof from the first `old` leaves to the first `new`.
+    pub async fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LogError> {
+        self.call(move |s| {
+            check_size(new, s.frontier.size())?;
+            merkle::consistency_proof(old, new, |a, b| subtree(&s.conn, a, b))
+        })
+        .await
+    }
+
+    pub async fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, LogError> {
+        self.call(|s| Ok(s.last_checkpoint.clone())).await
+    }
+
+    /// Every checkpoint, oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<SignedCheckpoint>, LogError> {
+        self.call(|s| {
+            read_checkpoint_rows(&s.conn)?
+                .into_iter()
+                .map(|r| {
+                    r.decode(&s.origin)
+                        .map(|(cp, _)| cp)
+                        .map_err(LogError::Corrupt)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Signs the current head now (on demand), even if no leaf was added since the last checkpoint: a
+    /// fresh timestamp over the same root is still evidence the log was not rewritten.
+    pub async fn checkpoint(&self) -> Result<SignedCheckpoint, LogError> {
+        let _one = self.checkpointing.lock().await;
+        let head = self.call(|s| prepare_checkpoint(s, false)).await?;
+        match head {
+            Some(head) => self.sign_and_store(head).await,
+            None => Err(LogError::Corrupt("no head to sign".into())),
+        }
+    }
+
+    /// Signs the current head if leaves were appended since the last checkpoint (or none exists yet and
+    /// the log has leaves). The timer and the every-N trigger use this.
+    pub async fn checkpoint_if_new(&self) -> Result<Option<SignedCheckpoint>, LogError> {
+        let _one = self.checkpointing.lock().await;
+        match self.call(|s| prepare_checkpoint(s, true)).await? {
+            Some(head) => self.sign_and_store(head).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn sign_and_store(&self, head: Head) -> Result<SignedCheckpoint, LogError> {
+        let key = self.signer.public_key();
+        let mut cp = SignedCheckpoint {
+            index: head.index,
+            origin: self.origin.clone(),
+            size: head.size,
+            root: head.root,
+            // Never before the previous checkpoint, even if the clock stepped back.
+            timestamp_ms: jiff::Timestamp::now()
+                .as_millisecond()
+                .max(head.min_timestamp_ms),
+            key_id: key.key_id().to_owned(),
+            algorithm: key.algorithm(),
+            signature: Vec::new(),
+        };
+        cp.signature = self.signer.sign(cp.body().as_bytes()).await?;
+        // A signer that returns something its own public key does not accept (a KMS key swapped under
+        // the same alias, a bug) must not leave unverifiable checkpoints behind.
+        cp.verify(key)?;
+        let stored = cp.clone();
+        self.call(move |s| store_checkpoint(s, stored, &head.consistency))
+            .await?;
+        tracing::debug!(index = cp.index, size = cp.size, "audit checkpoint signed");
+        Ok(cp)
+    }
+}
+
+fn check_size(size: u64, current: u64) -> Result<(), LogError> {
+    if size > current {
+        return Err(LogError::NoSuchLeaf {
+            seq: size - 1,
+            size: current,
+        });
+    }
+    Ok(())
+}
+
+/// The checkpoint timer: signs when `checkpoint_every` appends asked for it or every `interval`.
+fn spawn_checkpointer(
+    log: Weak<AuditLog>,
+    stop: CancellationToken,
+    due: Arc<Notify>,
+    interval: Duration,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = due.notified() => {}
+                () = tokio::time::sleep(interval) => {}
+            }
+            let Some(log) = log.upgrade() else { return };
+            if let Err(e) = log.checkpoint_if_new().await {
+                // Retried at the next tick; leaves stay durable meanwhile, only unsigned.
+                tracing::error!(error = %e, log = %log.path.display(), "audit checkpoint failed");
+            }
+        }
+    });
+}
+
+fn open_state(
+    config: &AuditLogConfig,
+    key: &TrustedKey,
+    due: Arc<Notify>,
+) -> Result<State, LogError> {
+    let open_err = |e: &dyn std::fmt::Display| LogError::Open {
+        path: config.path.clone(),
+        reason: e.to_string(),
+    };
+    if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
+    }
+    let mut conn = Connection::open(&config.path).map_err(|e| open_err(&e))?;
+    // FULL: every commit fsyncs the WAL, so an acknowledged leaf survives an OS crash or power cut,
+    // not only a process crash (the task store's NORMAL). Audit evidence is worth the fsync.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA)?;
+        match read_meta(&tx, "format")? {
+            None => {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('format', ?1)",
+                    [FORMAT],
+                )?;
+            }
+            Some(f) if f == FORMAT => {}
+            Some(f) => return Err(open_err(&format!("unknown format {f:?}"))),
+        }
+        match read_meta(&tx, "origin")? {
+            None => {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('origin', ?1)",
+                    [&config.origin],
+                )?;
+            }
+            Some(o) if o == config.origin => {}
+            Some(found) => {
+                return Err(LogError::OriginMismatch {
+                    path: config.path.clone(),
+                    found,
+                    expected: config.origin.clone(),
+                });
+            }
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO keys (key_id, algorithm, spki) VALUES (?1, ?2, ?3)",
+            params![key.key_id(), key.algorithm().as_str(), key.spki_der()],
+        )?;
+        tx.commit()?;
+    }
+
+    let (count, max): (i64, Option<i64>) =
+        conn.query_row("SELECT COUNT(*), MAX(seq) FROM leaves", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let contiguous = match max {
+        None => count == 0,
+        Some(m) => m >= 0 && m + 1 == count,
+    };
+    let count = count as u64;
+    if !contiguous {
+        return Err(LogError::Corrupt(format!(
+            "{count} leaves but the highest seq is {max:?}"
+        )));
+    }
+    let parts = decompose(0, count)
+        .into_iter()
+        .map(|id| node(&conn, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let frontier = Frontier::from_parts(count, parts)?;
+
+    let last_checkpoint = match read_checkpoint_rows(&conn)?.pop() {
+        None => None,
+        Some(row) => {
+            let (cp, _) = row.decode(&config.origin).map_err(LogError::Corrupt)?;
+            let root = if cp.size == 0 {
+                Some(empty_root())
+            } else if cp.size <= count {
+                Some(subtree(&conn, 0, cp.size)?)
+            } else {
+                None
+            };
+            if root != Some(cp.root) {
+                return Err(LogError::Corrupt(format!(
+                    "the stored tree does not match checkpoint {} (size {})",
+                    cp.index, cp.size
+                )));
+            }
+            let signer_key = read_keys(&conn)?
+                .into_iter()
+                .find(|k| k.key_id() == cp.key_id)
+                .ok_or_else(|| {
+                    LogError::Corrupt(format!(
+                        "checkpoint {} names key {}, which the log does not hold",
+                        cp.index, cp.key_id
+                    ))
+                })?;
+            cp.verify(&signer_key)
+                .map_err(|e| LogError::Corrupt(format!("checkpoint {}: {e}", cp.index)))?;
+            Some(cp)
+        }
+    };
+    let since_checkpoint = count - last_checkpoint.as_ref().map_or(0, |c| c.size);
+    Ok(State {
+        conn,
+        origin: config.origin.clone(),
+        frontier,
+        last_checkpoint,
+        since_checkpoint,
+        checkpoint_every: config.checkpoint_every.max(1),
+        due,
+    })
+}
+
+fn run_thread(mut state: State, mut rx: mpsc::Receiver<Job>) {
+    while let Some(job) = rx.blocking_recv() {
+        let deferred = match job {
+            Job::Call(f) => {
+                f(&mut state);
+                None
+            }
+            Job::Close(reply) => {
+                drop(state);
+                let _ = reply.send(());
+                return;
+            }
+            Job::Append { key, event, reply } => {
+                let mut batch = vec![(key, event, reply)];
+                let mut deferred = None;
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Job::Append { key, event, reply }) => batch.push((key, event, reply)),
+                        Ok(other) => {
+                            // Run after the batch, so jobs still run in the order they were sent
+                            // relative to the appends before them.
+                            deferred = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                append_batch(&mut state, batch);
+                deferred
+            }
+        };
+        match deferred {
+            Some(Job::Call(f)) => f(&mut state),
+            Some(Job::Close(reply)) => {
+                drop(state);
+                let _ = reply.send(());
+                return;
+            }
+            // Never deferred: appends join the batch.
+            Some(Job::Append { .. }) | None => {}
+        }
+    }
+}
+
+type Pending = (
+    String,
+    AuditEvent,
+    oneshot::Sender<Result<Appended, LogError>>,
+);
+
+fn append_batch(state: &mut State, batch: Vec<Pending>) {
+    let mut frontier = state.frontier.clone();
+    let mut results = Vec::with_capacity(batch.len());
+    // Replies are set aside first: every caller gets an answer, even when the batch fails half-way.
+    let (items, replies): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|(key, event, reply)| ((key, event), reply))
+        .unzip();
+    let outcome = (|| -> Result<u64, LogError> {
+        let tx = state.conn.transaction()?;
+        let mut added = 0;
+        {
+            let mut existing = tx.prepare_cached("SELECT seq FROM leaves WHERE event_key = ?1")?;
+            let mut insert_leaf = tx.prepare_cached(
+                "INSERT INTO leaves (seq, event_key, data, hash) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut insert_node =
+                tx.prepare_cached("INSERT INTO nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
+            for (key, mut event) in items {
+                if let Some(seq) = existing
+                    .query_row([&key], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    results.push(Appended {
+                        seq: seq as u64,
+                        new: false,
+                    });
+                    continue;
+                }
+                let seq = frontier.size();
+                event.seq = seq;
+                let data = event
+                    .to_leaf()
+                    .map_err(|e| LogError::Encode(e.to_string()))?;
+                let hash = leaf_hash(&data);
+                insert_leaf.execute(params![seq as i64, key, data, &hash[..]])?;
+                for (id, h) in frontier.push(hash) {
+                    insert_node.execute(params![id.level, id.index as i64, &h[..]])?;
+                }
+                results.push(Appended { seq, new: true });
+                added += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    })();
+    match outcome {
+        Ok(added) => {
+            state.frontier = frontier;
+            state.since_checkpoint += added;
+            if state.since_checkpoint >= state.checkpoint_every {
+                state.due.notify_one();
+            }
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+        }
+        Err(e) => {
+            // The transaction rolled back: nothing of the batch is stored and the frontier is unchanged.
+            let msg = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(LogError::Sql(msg.clone())));
+            }
+        }
+    }
+}
+
+/// What a checkpoint will sign, read atomically on the log's thread.
+struct Head {
+    index: u64,
+    size: u64,
+    root: Hash,
+    min_timestamp_ms: i64,
+    consistency: Vec<Hash>,
+}
+
+fn prepare_checkpoint(state: &mut State, only_if_new: bool) -> Result<Option<Head>, LogError> {
+    let size = state.frontier.size();
+    let prev = state.last_checkpoint.as_ref();
+    if only_if_new && prev.map_or(size == 0, |p| p.size == size) {
+        return Ok(None);
+    }
+    let consistency = match prev {
+        Some(p) => merkle::consistency_proof(p.size, size, |a, b| subtree(&state.conn, a, b))?,
+        None => Vec::new(),
+    };
+    Ok(Some(Head {
+        index: prev.map_or(0, |p| p.index + 1),
+        size,
+        root: state.frontier.root(),
+        min_timestamp_ms: prev.map_or(0, |p| p.timestamp_ms),
+        consistency,
+    }))
+}
+
+fn store_checkpoint(
+    state: &mut State,
+    cp: SignedCheckpoint,
+    consistency: &[Hash],
+) -> Result<(), LogError> {
+    let proof: Vec<u8> = consistency.iter().flatten().copied().collect();
+    state.conn.execute(
+        "INSERT INTO checkpoints (idx, size, root, timestamp_ms, key_id, algorithm, signature, consistency)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            cp.index as i64,
+            cp.size as i64,
+            &cp.root[..],
+            cp.timestamp_ms,
+            cp.key_id,
+            cp.algorithm.as_str(),
+            cp.signature,
+            proof,
+        ],
+    )?;
+    state.since_checkpoint = state.frontier.size() - cp.size;
+    state.last_checkpoint = Some(cp);
+    Ok(())
+}
+
+pub(crate) fn read_meta(conn: &Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+/// One perfect subtree's hash: level 0 from the leaves, above from the nodes table.
+fn node(conn: &Connection, id: NodeId) -> Result<Hash, LogError> {
+    let blob: Option<Vec<u8>> = if id.level == 0 {
+        conn.prepare_cached("SELECT hash FROM leaves WHERE seq = ?1")?
+            .query_row([id.index as i64], |r| r.get(0))
+            .optional()?
+    } else {
+        conn.prepare_cached("SELECT hash FROM nodes WHERE level = ?1 AND idx = ?2")?
+            .query_row(params![id.level, id.index as i64], |r| r.get(0))
+            .optional()?
+    };
+    blob.and_then(|b| <Hash>::try_from(b).ok()).ok_or_else(|| {
+        LogError::Corrupt(format!(
+            "tree node (level {}, index {}) is missing or malformed",
+            id.level, id.index
+        ))
+    })
+}
+
+/// MTH(D[start:end]) from stored nodes, for the ranges the RFC recursion asks for.
+fn subtree(conn: &Connection, start: u64, end: u64) -> Result<Hash, LogError> {
+    if start >= end {
+        return Err(MerkleError::BadRange { start, end }.into());
+    }
+    let hashes = decompose(start, end)
+        .into_iter()
+        .map(|id| node(conn, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(fold_right(&hashes))
+}
+
+fn read_leaf(conn: &Connection, seq: u64) -> Result<Option<Leaf>, LogError> {
+    let row: Option<(Vec<u8>, Vec<u8>)> = conn
+        .query_row(
+            "SELECT data, hash FROM leaves WHERE seq = ?1",
+            [seq as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    row.map(|(data, hash)| {
+        let hash = <Hash>::try_from(hash)
+            .map_err(|_| LogError::Corrupt(format!("leaf {seq}: stored hash is not 32 bytes")))?;
+        Ok(Leaf { seq, data, hash })
+    })
+    .transpose()
+}
+
+/// The keys the log holds, as recorded (each checked to parse and to match its id).
+pub(crate) fn read_keys(conn: &Connection) -> Result<Vec<TrustedKey>, LogError> {
+    let mut stmt = conn.prepare("SELECT key_id, spki FROM keys ORDER BY key_id")?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(id, der)| {
+            let key = TrustedKey::from_spki_der(&der)
+                .map_err(|e| LogError::Corrupt(format!("key {id}: {e}")))?;
+            if key.key_id() != id {
+                return Err(LogError::Corrupt(format!(
+                    "key {id}: stored under the wrong id (its id is {})",
+                    key.key_id()
+                )));
+            }
+            Ok(key)
+        })
+        .collect()
+}
+
+/// A checkpoint row as stored, before any checking.
+pub(crate) struct CheckpointRow {
+    pub idx: i64,
+    pub size: i64,
+    pub root: Vec<u8>,
+    pub timestamp_ms: i64,
+    pub key_id: String,
+    pub algorithm: String,
+    pub signature: Vec<u8>,
+    pub consistency: Vec<u8>,
+}
+
+impl CheckpointRow {
+    /// Decodes the row; the error says what is malformed.
+    pub fn decode(self, origin: &str) -> Result<(SignedCheckpoint, Vec<Hash>), String> {
+        let index = u64::try_from(self.idx).map_err(|_| "negative index".to_string())?;
+        let size = u64::try_from(self.size).map_err(|_| "negative size".to_string())?;
+        let root = <Hash>::try_from(self.root)
+            .map_err(|r| format!("root is {} bytes, not 32", r.len()))?;
+        let algorithm = match self.algorithm.as_str() {
+            "ed25519" => SignatureAlgorithm::Ed25519,
+            "ecdsa-p256-sha256" => SignatureAlgorithm::EcdsaP256Sha256,
+            other => return Err(format!("unknown signature algorithm {other:?}")),
+        };
+        if !self.consistency.len().is_multiple_of(32)
+            || self.consistency.len() / 32 > merkle::MAX_PROOF_LEN
+        {
+            return Err("consistency proof is not a list of hashes".into());
+        }
+        let consistency = self
+            .consistency
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect();
+        Ok((
+            SignedCheckpoint {
+                index,
+                origin: origin.to_owned(),
+                size,
+                root,
+                timestamp_ms: self.timestamp_ms,
+                key_id: self.key_id,
+                algorithm,
+                signature: self.signature,
+            },
+            consistency,
+        ))
+    }
+}
+
+pub(crate) fn read_checkpoint_rows(conn: &Connection) -> Result<Vec<CheckpointRow>, LogError> {
+    let mut stmt = conn.prepare(
+        "SELECT idx, size, root, timestamp_ms, key_id, algorithm, signature, consistency
+             FROM checkpoints ORDER BY idx",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(CheckpointRow {
+                idx: r.get(0)?,
+                size: r.get(1)?,
+                root: r.get(2)?,
+                timestamp_ms: r.get(3)?,
+                key_id: r.get(4)?,
+                algorithm: r.get(5)?,
+                signature: r.get(6)?,
+                consistency: r.get(7)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::checkpoint::Ed25519Signer;
+    use crate::audit::merkle::{root_of, verify_consistency, verify_inclusion};
+    use crate::audit::{EventKind, merkle};
+
+    fn event(task: &str) -> AuditEvent {
+        AuditEvent::new(EventKind::Transition, "ns", task)
+    }
+
+    async fn open(dir: &Path, every: u64) -> Arc<AuditLog> {
+        let mut cfg = AuditLogConfig::new(dir.join("audit.sqlite"), "test/audit");
+        cfg.checkpoint_every = every;
+        cfg.checkpoint_interval = Duration::from_secs(3600);
+        AuditLog::open(cfg, Arc::new(Ed25519Signer::from_seed([3; 32])))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_are_idempotent_by_key_and_roots_match_the_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 1000).await;
+        let mut hashes = Vec::new();
+        for i in 0..37u64 {
+            let a = log
+                .append(format!("k{i}"), event(&format!("t{i}")))
+                .await
+                .unwrap();
+            assert_eq!(a, Appended { seq: i, new: true });
+            let leaf = log.leaf(i).await.unwrap().unwrap();
+            assert_eq!(leaf.hash, merkle::leaf_hash(&leaf.data));
+            assert_eq!(leaf.event().unwrap().seq, i);
+            hashes.push(leaf.hash);
+            assert_eq!(log.head().await.unwrap(), (i + 1, root_of(&hashes)));
+        }
+        // Replays return the first seq and add nothing.
+        let again = log.append("k5", event("t5")).await.unwrap();
+        assert_eq!(again, Appended { seq: 5, new: false });
+        assert_eq!(log.size().await.unwrap(), 37);
+
+        // Proofs from stored nodes match proofs from the leaf list.
+        for size in [1u64, 2, 5, 16, 17, 37] {
+            let root = log.root_at(size).await.unwrap();
+            assert_eq!(root, root_of(&hashes[..size as usize]));
+            for seq in (0..size).step_by(3) {
+                let p = log.inclusion_proof(seq, size).await.unwrap();
+                verify_inclusion(&hashes[seq as usize], seq, size, &p, &root).unwrap();
+            }
+            let p = log.consistency_proof(size, 37).await.unwrap();
+            let (_, head) = log.head().await.unwrap();
+            verify_consistency(size, 37, &root, &head, &p).unwrap();
+        }
+        assert!(matches!(
+            log.inclusion_proof(0, 38).await,
+            Err(LogError::NoSuchLeaf { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_are_group_committed_without_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 1000).await;
+        let mut handles = Vec::new();
+        for i in 0..200 {
+            let log = log.clone();
+            handles.push(tokio::spawn(async move {
+                log.append(format!("k{i}"), event("t")).await.unwrap().seq
+            }));
+        }
+        let mut seqs = Vec::new();
+        for h in handles {
+            seqs.push(h.await.unwrap());
+        }
+        seqs.sort();
+        assert_eq!(seqs, (0..200).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_signed_every_n_appends_and_chain_consistently() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 10).await;
+        for i in 0..35 {
+            log.append(format!("k{i}"), event("t")).await.unwrap();
+        }
+        // The every-10 trigger runs in the background: wait for it to catch up.
+        let mut cps = Vec::new();
+        for _ in 0..200 {
+            cps = log.checkpoints().await.unwrap();
+            if cps.last().is_some_and(|c| c.size >= 30) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(cps.len() >= 3, "{cps:?}");
+        let key = log.public_key().clone();
+        for (i, cp) in cps.iter().enumerate() {
+            assert_eq!(cp.index, i as u64);
+            cp.verify(&key).unwrap();
+            assert_eq!(cp.root, log.root_at(cp.size).await.unwrap());
+        }
+        // On demand: signs the tail; if-new then has nothing to do.
+        let last = log.checkpoint().await.unwrap();
+        assert_eq!(last.size, 35);
+        assert_eq!(log.checkpoint_if_new().await.unwrap(), None);
+        // A forced checkpoint over an unchanged head is allowed and keeps the timestamps monotonic.
+        let again = log.checkpoint().await.unwrap();
+        assert_eq!((again.size, again.root), (last.size, last.root));
+        assert!(again.timestamp_ms >= last.timestamp_ms);
+    }
+
+    #[tokio::test]
+    async fn reopening_continues_the_same_tree_and_refuses_another_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let log = open(dir.path(), 1000).await;
+            for i in 0..13 {
+                log.append(format!("k{i}"), event("t")).await.unwrap();
+            }
+            let cp = log.checkpoint().await.unwrap();
+            log.close().await.unwrap();
+            cp
+        };
+        let log = open(dir.path(), 1000).await;
+        assert_eq!(log.latest_checkpoint().await.unwrap(), Some(before.clone()));
+        assert_eq!(log.size().await.unwrap(), 13);
+        for i in 13..29 {
+            let a = log.append(format!("k{i}"), event("t")).await.unwrap();
+            assert_eq!(a.seq, i);
+        }
+        let after = log.checkpoint().await.unwrap();
+        assert_eq!(after.index, before.index + 1);
+        let proof = log
+            .consistency_proof(before.size, after.size)
+            .await
+            .unwrap();
+        verify_consistency(before.size, after.size, &before.root, &after.root, &proof).unwrap();
+        log.close().await.unwrap();
+        assert!(matches!(log.size().await, Err(LogError::Closed)));
+
+        let cfg = AuditLogConfig::new(dir.path().join("audit.sqlite"), "other/origin");
+        let err = AuditLog::open(cfg, Arc::new(Ed25519Signer::from_seed([3; 32])))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, LogError::OriginMismatch { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_log_whose_tree_was_edited_is_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path(), 1000).await;
+            for i in 0..8 {
+                log.append(format!("k{i}"), event("t")).await.unwrap();
+            }
+            log.checkpoint().await.unwrap();
+            log.close().await.unwrap();
+        }
+        let conn = Connection::open(dir.path().join("audit.sqlite")).unwrap();
+        conn.execute("UPDATE nodes SET hash = zeroblob(32) WHERE level = 3", [])
+            .unwrap();
+        drop(conn);
+        let mut cfg = AuditLogConfig::new(dir.path().join("audit.sqlite"), "test/audit");
+        cfg.checkpoint_interval = Duration::from_secs(3600);
+        let err = AuditLog::open(cfg, Arc::new(Ed25519Signer::from_seed([3; 32])))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, LogError::Corrupt(_)), "{err}");
+    }
+}

@@ -1,0 +1,324 @@
+//! The distributed subcommands: `agentplane operator`, `agentplane worker`, `agentplane gateway`.
+//! Their flags and environment variables are the runtime contract the Helm chart implements
+//! (charts/agentplane/README.md, "The runtime contract").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane::cloud;
+use agentplane::controller::operator::{self, OperatorConfig};
+use agentplane::gateway::serve::{self, TlsFiles};
+use agentplane::gateway::{self, AppState, ApproverCredential, GatewayConfig};
+use agentplane::metrics::Metrics;
+use agentplane::queue::DynQueue;
+use agentplane::queue::sqs::SqsQueue;
+use agentplane::store::kubernetes::KubeStore;
+use agentplane::store::{DynStore, TaskStore, hash_secret};
+use agentplane::worker::{Worker, WorkerConfig};
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::dev::{init_logs, parse_approver, wait_for_signal};
+
+/// Flags every distributed component takes.
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Namespace whose AgentTasks, EdgeDevices and AgentPolicy this process serves.
+    #[arg(long, env = "AGENTPLANE_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Kubeconfig to use instead of the in-cluster service account / KUBECONFIG / ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Address of the plain-HTTP /metrics and /healthz listener.
+    #[arg(
+        long,
+        env = "AGENTPLANE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    metrics_listen: SocketAddr,
+    /// Log format: json or text.
+    #[arg(long, env = "AGENTPLANE_LOG_FORMAT", default_value = "json")]
+    log_format: String,
+    /// AWS region (else the SDK's default chain).
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    /// AWS endpoint override (an emulator or another SQS/KMS-compatible service).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    aws_endpoint_url: Option<String>,
+    /// YAML file with the cluster's model tier ladder (`tiers: [...]`), used by namespaces whose
+    /// AgentPolicy lists no models.
+    #[arg(long, env = "AGENTPLANE_MODEL_TIERS_FILE")]
+    model_tiers_file: Option<PathBuf>,
+}
+
+impl CommonArgs {
+    async fn store(&self) -> anyhow::Result<(kube::Client, Arc<KubeStore>)> {
+        let client = cloud::kube_client(self.kubeconfig.as_deref()).await?;
+        let tiers = match &self.model_tiers_file {
+            // A missing file is what the chart mounts when no tiers are configured: not an error.
+            Some(p) if p.exists() => cloud::read_tiers(p)?,
+            _ => Vec::new(),
+        };
+        let store = KubeStore::with_default_tiers(client.clone(), &self.namespace, tiers);
+        Ok((client, store))
+    }
+
+    async fn sqs(&self) -> aws_sdk_sqs::Client {
+        let config = cloud::aws_config(self.region.clone(), self.aws_endpoint_url.clone()).await;
+        aws_sdk_sqs::Client::new(&config)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OperatorArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// URL of the SQS task queue.
+    #[arg(long, env = "AGENTPLANE_QUEUE_URL")]
+    queue_url: String,
+    /// Name of the Lease the operator replicas compete for.
+    #[arg(
+        long,
+        env = "AGENTPLANE_LEASE_NAME",
+        default_value = "agentplane-operator"
+    )]
+    lease_name: String,
+    /// Namespace of the Lease [default: --namespace].
+    #[arg(long, env = "AGENTPLANE_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's identity in the Lease [default: a random id].
+    #[arg(long, env = "AGENTPLANE_POD_NAME")]
+    identity: Option<String>,
+    /// Reconciles in flight at once.
+    #[arg(long, env = "AGENTPLANE_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "AGENTPLANE_LEASE_DURATION_SECS", default_value_t = 15)]
+    lease_duration_secs: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// URL of the SQS task queue.
+    #[arg(long, env = "AGENTPLANE_QUEUE_URL")]
+    queue_url: String,
+    /// URL of its dead-letter queue (tasks whose messages land there are marked Failed).
+    #[arg(long, env = "AGENTPLANE_DLQ_URL")]
+    dlq_url: String,
+    /// Seconds a received message stays hidden; heartbeats extend it while a task runs.
+    #[arg(long, env = "AGENTPLANE_VISIBILITY_TIMEOUT_SECS", default_value_t = 60)]
+    visibility_timeout_secs: u64,
+    /// Long-poll wait per receive, in seconds (SQS allows at most 20).
+    #[arg(long, env = "AGENTPLANE_WAIT_SECS", default_value_t = 20)]
+    wait_secs: u64,
+    /// Tasks run at once by this process.
+    #[arg(long, env = "AGENTPLANE_WORKERS", default_value_t = 4)]
+    workers: usize,
+    /// KMS key that third-party secrets must be sealed with (Decrypt is pinned to it).
+    #[arg(long, env = "AGENTPLANE_KMS_KEY_ID")]
+    kms_key_id: Option<String>,
+    /// Longest a single model call may take, in seconds.
+    #[arg(long, env = "AGENTPLANE_MODEL_TIMEOUT_SECS", default_value_t = 120)]
+    model_timeout_secs: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to serve the device API on. Plain HTTP only on loopback; else --tls-cert/--tls-key.
+    #[arg(long, env = "AGENTPLANE_LISTEN", default_value = "127.0.0.1:8787")]
+    listen: SocketAddr,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "AGENTPLANE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "AGENTPLANE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// One-time enrollment token to accept (repeatable, comma-separated in the environment).
+    #[arg(
+        long = "join-token",
+        env = "AGENTPLANE_JOIN_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    join_tokens: Vec<String>,
+    /// Hours a join token given here stays valid.
+    #[arg(long, env = "AGENTPLANE_JOIN_TOKEN_TTL_HOURS", default_value_t = 24)]
+    join_token_ttl_hours: u64,
+    /// Approver credential NAME=TOKEN (repeatable, comma-separated in the environment).
+    #[arg(
+        long = "approver",
+        env = "AGENTPLANE_APPROVERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    approvers: Vec<String>,
+    /// Largest request body in bytes.
+    #[arg(long, env = "AGENTPLANE_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Seconds a request (body upload included) may take before a 408.
+    #[arg(long, env = "AGENTPLANE_REQUEST_TIMEOUT_SECS", default_value_t = 15)]
+    request_timeout_secs: u64,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Cancels the returned token on SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: shutting down");
+        t.cancel();
+    });
+    token
+}
+
+async fn start_metrics(
+    common: &CommonArgs,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (addr, handle) = cloud::serve_metrics(
+        common.metrics_listen,
+        metrics.clone(),
+        Arc::new(|| true),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(handle)
+}
+
+pub fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
+    init_logs(&args.common.log_format);
+    runtime()?.block_on(async move {
+        let shutdown = shutdown_on_signal();
+        let (client, store) = args.common.store().await?;
+        let queue: DynQueue = SqsQueue::new(args.common.sqs().await, args.queue_url.clone());
+        let metrics = Arc::new(Metrics::default());
+        let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
+        let config = OperatorConfig {
+            concurrency: args.concurrency,
+            lease_name: args.lease_name.clone(),
+            lease_namespace: args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| args.common.namespace.clone()),
+            identity: args.identity.clone().unwrap_or_else(|| OperatorConfig::default().identity),
+            lease_duration_secs: args.lease_duration_secs,
+            lease_grace_secs: (args.lease_duration_secs / 3).max(1),
+            ..OperatorConfig::default()
+        };
+        tracing::info!(namespace = %args.common.namespace, identity = %config.identity, "agentplane operator starting");
+        operator::run(client, store, queue, metrics, config, shutdown.clone())
+            .await
+            .context("running the operator")?;
+        shutdown.cancel();
+        let _ = metrics_task.await;
+        anyhow::Ok(())
+    })
+}
+
+pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    init_logs(&args.common.log_format);
+    runtime()?.block_on(async move {
+        let shutdown = shutdown_on_signal();
+        let (client, store) = args.common.store().await?;
+        let sqs = args.common.sqs().await;
+        let queue: DynQueue = SqsQueue::new(sqs.clone(), args.queue_url.clone());
+        let dead_letters: DynQueue = SqsQueue::new(sqs, args.dlq_url.clone());
+        let aws = cloud::aws_config(args.common.region.clone(), args.common.aws_endpoint_url.clone()).await;
+        let models = crate::cloud_models::models(client, &args.common.namespace, &aws, args.kms_key_id.clone())?;
+        let metrics = Arc::new(Metrics::default());
+        let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
+        let store: DynStore = store;
+        let worker = Arc::new(Worker {
+            store,
+            queue,
+            dead_letters,
+            models,
+            metrics,
+            config: WorkerConfig {
+                concurrency: args.workers.max(1),
+                visibility: Duration::from_secs(args.visibility_timeout_secs.clamp(1, 43_200)),
+                wait: Duration::from_secs(args.wait_secs.min(20)),
+                call_timeout: Duration::from_secs(args.model_timeout_secs.max(1)),
+                ..WorkerConfig::default()
+            },
+        });
+        tracing::info!(namespace = %args.common.namespace, queue = %args.queue_url, "agentplane worker starting");
+        worker.run(shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = metrics_task.await;
+        anyhow::Ok(())
+    })
+}
+
+pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    init_logs(&args.common.log_format);
+    let approvers = args
+        .approvers
+        .iter()
+        .map(|a| parse_approver(a).map(|(name, token)| ApproverCredential::new(name, &token)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    runtime()?.block_on(async move {
+        let shutdown = shutdown_on_signal();
+        let (_client, store) = args.common.store().await?;
+        let expires = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_hours(
+                i64::try_from(args.join_token_ttl_hours).unwrap_or(i64::MAX / 3600).min(24 * 365),
+            ))
+            .unwrap_or(jiff::Timestamp::MAX);
+        for t in &args.join_tokens {
+            store
+                .add_join_token(&hash_secret(t), expires)
+                .await
+                .context("storing a join token")?;
+        }
+        let metrics = Arc::new(Metrics::default());
+        let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
+        let bound = serve::bind(args.listen, tls.as_ref())
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = bound.local_addr()?;
+        let store: DynStore = store;
+        let router = gateway::router(AppState::new(
+            store,
+            metrics,
+            GatewayConfig {
+                max_body_bytes: args.max_body_bytes,
+                request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+                approvers,
+                ..GatewayConfig::default()
+            },
+            shutdown.clone(),
+        ));
+        tracing::info!(%addr, tls = bound.is_tls(), namespace = %args.common.namespace, "agentplane gateway listening");
+        // Printed for scripts that start the gateway on port 0.
+        println!("agentplane gateway listening on {}://{addr}", if bound.is_tls() { "https" } else { "http" });
+        serve::serve(bound, router, shutdown.clone())
+            .await
+            .context("serving the gateway")?;
+        shutdown.cancel();
+        let _ = metrics_task.await;
+        anyhow::Ok(())
+    })
+}

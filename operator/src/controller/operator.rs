@@ -1,0 +1,387 @@
+//! `agentplane operator`: the controller run as a kube-rs `Controller` over AgentTasks, under
+//! Lease-based leader election so two replicas never both act.
+//!
+//! Each reconcile goes through kube's `finalizer` helper (tasks are born with the finalizer, see
+//! `store::kubernetes::FINALIZER`; a task created around the gateway gets it on first sight) and then
+//! runs the same [`super::reconcile`] step as the embedded runtime, against the Kubernetes store and
+//! SQS. Notable decisions are also recorded as Kubernetes Events on the task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane_api::TaskPhase;
+use agentplane_api::task::AgentTask;
+use futures::StreamExt as _;
+use kube::Client;
+use kube::Resource as _;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::watcher;
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio_util::sync::CancellationToken;
+
+use super::{ControllerError, Outcome, governs, reconcile, reconcile_with_ledger};
+use crate::metrics::Metrics;
+use crate::policy::ledger::Ledger;
+use crate::queue::DynQueue;
+use crate::store::kubernetes::{FINALIZER, KubeStore, task_record};
+use crate::store::{StoreError, TaskStore};
+
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Reconciles in flight at once (kube-rs bounds it per object as well: one at a time per task).
+    pub concurrency: u16,
+    /// Re-reconcile period for tasks waiting on something outside the watch (a held admission).
+    pub requeue: Duration,
+    /// The Lease the replicas compete for, and where it lives.
+    pub lease_name: String,
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    /// Seconds a Lease stays valid without renewal, and how long before expiry the holder renews.
+    pub lease_duration_secs: u64,
+    pub lease_grace_secs: u64,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            concurrency: 16,
+            requeue: Duration::from_secs(30),
+            lease_name: "agentplane-operator".into(),
+            lease_namespace: "default".into(),
+            identity: format!("agentplane-operator-{}", uuid::Uuid::new_v4().simple()),
+            lease_duration_secs: 15,
+            lease_grace_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("leader election on Lease {namespace}/{name}: {source}")]
+    Lease {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube_lease_manager::LeaseManagerError,
+    },
+}
+
+/// What a reconcile needs.
+struct Context {
+    /// Rate-limit windows and budget spend, owned by the leader: rebuilt from every task when it
+    /// starts leading, fed every task change while it leads. Admissions under a governing policy
+    /// take it in turn; without rate limits or budgets nothing waits for it.
+    ledger: tokio::sync::Mutex<Ledger>,
+    store: Arc<KubeStore>,
+    queue: DynQueue,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    requeue: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReconcileError {
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// Runs the operator until `shutdown`: waits for leadership, reconciles while leading, stops the
+/// controller (letting in-flight reconciles finish) the moment leadership is lost, and releases the
+/// Lease on the way out so a standby takes over without waiting for it to expire.
+pub async fn run(
+    client: Client,
+    store: Arc<KubeStore>,
+    queue: DynQueue,
+    metrics: Arc<Metrics>,
+    config: OperatorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), OperatorError> {
+    let lease_error = |source| OperatorError::Lease {
+        namespace: config.lease_namespace.clone(),
+        name: config.lease_name.clone(),
+        source,
+    };
+    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+        .with_namespace(&config.lease_namespace)
+        .with_identity(&config.identity)
+        .with_field_manager(format!("agentplane-operator/{}", config.identity))
+        .with_duration(config.lease_duration_secs.max(2))
+        .with_grace(
+            config
+                .lease_grace_secs
+                .clamp(1, config.lease_duration_secs.max(2) - 1),
+        )
+        .build()
+        .await
+        .map_err(lease_error)?;
+    let (mut leader, lease_task) = manager.watch().await;
+    let reporter = Reporter {
+        controller: "agentplane-operator".into(),
+        instance: Some(config.identity.clone()),
+    };
+    let ctx = Arc::new(Context {
+        ledger: tokio::sync::Mutex::new(Ledger::default()),
+        store,
+        queue,
+        metrics: metrics.clone(),
+        recorder: Recorder::new(client, reporter),
+        requeue: config.requeue,
+    });
+
+    'outer: loop {
+        metrics.set_gauge("agentplane_operator_leader", &[], 0);
+        // Wait to lead.
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                changed = leader.changed() => if changed.is_err() {
+                    tracing::error!("leader election stopped");
+                    break 'outer;
+                },
+            }
+        }
+        tracing::info!(identity = %config.identity, lease = %config.lease_name, "leading: starting the controller");
+        metrics.set_gauge("agentplane_operator_leader", &[], 1);
+        let term = shutdown.child_token();
+        let feed = tokio::spawn(feed_ledger(ctx.clone(), term.clone()));
+        let running = tokio::spawn(controller(ctx.clone(), config.concurrency, term.clone()));
+        let mut lost = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = leader.changed() => {
+                    if changed.is_err() || !*leader.borrow_and_update() {
+                        lost = true;
+                        break;
+                    }
+                }
+            }
+        }
+        term.cancel();
+        let _ = feed.await;
+        if running.await.is_err() {
+            tracing::error!("the controller task panicked");
+        }
+        if !lost {
+            break;
+        }
+        tracing::warn!(identity = %config.identity, "lost the Lease: controller stopped, waiting to lead again");
+    }
+    // Dropping the receiver makes the lease task release the Lease and return.
+    drop(leader);
+    match lease_task.await {
+        Ok(Ok(_)) => tracing::info!("Lease released"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease failed; it will expire"),
+        Err(e) => tracing::warn!(error = %e, "the lease task failed"),
+    }
+    Ok(())
+}
+
+/// Loads the ledger (holding its lock, so no admission runs on a half-built one) and keeps it fed.
+async fn feed_ledger(ctx: Arc<Context>, stop: CancellationToken) {
+    let mut changes = ctx.store.changes();
+    {
+        let mut ledger = ctx.ledger.lock().await;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let loaded = async {
+                let tasks = ctx.store.list_tasks().await?;
+                let policy = ctx.store.get_policy().await?;
+                Ok::<_, StoreError>(Ledger::rebuild(
+                    &tasks,
+                    policy.as_ref(),
+                    jiff::Timestamp::now(),
+                ))
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = loaded => match r {
+                    Ok(l) => {
+                        *ledger = l;
+                        tracing::info!(admitted = ledger.admitted_tasks(), "governance ledger loaded");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_in = ?backoff, "could not load the governance ledger");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                },
+            }
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = changes.recv() => match ev {
+                Ok(ev) => {
+                    let policy = ctx.store.get_policy().await.ok().flatten();
+                    ctx.ledger.lock().await.observe(&ev.task, policy.as_ref(), jiff::Timestamp::now());
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "ledger feed fell behind; rebuilding");
+                    if let (Ok(tasks), Ok(policy)) = (ctx.store.list_tasks().await, ctx.store.get_policy().await) {
+                        *ctx.ledger.lock().await = Ledger::rebuild(&tasks, policy.as_ref(), jiff::Timestamp::now());
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+async fn controller(ctx: Arc<Context>, concurrency: u16, stop: CancellationToken) {
+    let api = ctx.store.tasks_api().clone();
+    Controller::new(api, watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(concurrency.max(1)))
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile_task, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile reported an error");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+}
+
+async fn reconcile_task(obj: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let api = ctx.store.tasks_api().clone();
+    let started = std::time::Instant::now();
+    let result = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            finalizer::Event::Apply(obj) => apply(&obj, &ctx).await,
+            finalizer::Event::Cleanup(obj) => cleanup(&obj, &ctx).await,
+        }
+    })
+    .await;
+    ctx.metrics.observe(
+        "agentplane_reconcile_seconds",
+        &[],
+        started.elapsed().as_secs_f64(),
+    );
+    result.map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => ReconcileError::Finalizer(other.to_string()),
+    })
+}
+
+async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError> {
+    let task = task_record(obj);
+    let store: &dyn TaskStore = &*ctx.store;
+    let governed = task.phase() == TaskPhase::Pending
+        && governs(
+            store
+                .get_policy()
+                .await
+                .map_err(ControllerError::from)?
+                .as_ref(),
+        );
+    let result = if governed {
+        let mut ledger = ctx.ledger.lock().await;
+        let r = reconcile_with_ledger(store, &*ctx.queue, &task, &mut ledger).await;
+        r.map(|(outcome, decision)| {
+            if let Some(d) = decision {
+                ctx.metrics.inc(
+                    "agentplane_admission_decisions_total",
+                    &[("decision", d.decision), ("reason", &d.reason)],
+                );
+            }
+            outcome
+        })
+    } else {
+        reconcile(store, &*ctx.queue, &task).await
+    };
+    match result {
+        Ok(Outcome::Moved(phase)) => {
+            ctx.metrics.inc(
+                "agentplane_task_transitions_total",
+                &[("phase", phase.as_str())],
+            );
+            if let Some(ev) = event_for(phase, &task.id) {
+                // Events are informational: a failure to publish one must not fail the reconcile.
+                if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+                    tracing::debug!(task = %task.id, error = %e, "could not publish an event");
+                }
+            }
+            Ok(Action::await_change())
+        }
+        Ok(Outcome::Unchanged) if task.phase().is_terminal() => Ok(Action::await_change()),
+        Ok(Outcome::RequeueAfter(after)) => Ok(Action::requeue(after)),
+        // Waiting on something the watch does not show (a suspended policy, a held admission).
+        Ok(Outcome::Unchanged) => Ok(Action::requeue(ctx.requeue)),
+        // Someone wrote first; their write comes back through the watch and triggers us again.
+        Err(ControllerError::Store(StoreError::Conflict { .. })) => {
+            Ok(Action::requeue(Duration::from_millis(500)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The task is being deleted: account for it, then let it go. A queued message for it is dropped by
+/// the worker that receives it (the task is gone).
+async fn cleanup(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError> {
+    let task = task_record(obj);
+    let phase = task.phase();
+    if !phase.is_terminal() {
+        tracing::info!(task = %task.id, %phase, "task deleted before it finished");
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "DeletedUnfinished".into(),
+            note: Some(format!(
+                "deleted while {phase}; its work item will be dropped"
+            )),
+            action: "Delete".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::debug!(task = %task.id, error = %e, "could not publish an event");
+        }
+    }
+    ctx.metrics.inc(
+        "agentplane_tasks_deleted_total",
+        &[("phase", phase.as_str())],
+    );
+    Ok(Action::await_change())
+}
+
+fn error_policy(_obj: Arc<AgentTask>, e: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %e, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// The Event recorded for a phase the controller moved a task to. Queued is the common path and
+/// not worth an API write per task; the others are what an operator looks for.
+fn event_for(phase: TaskPhase, task: &str) -> Option<Event> {
+    let (type_, reason, note) = match phase {
+        TaskPhase::Denied => (
+            EventType::Warning,
+            "Denied",
+            "denied by policy or verification; see status.reason",
+        ),
+        TaskPhase::AwaitingApproval => (
+            EventType::Normal,
+            "AwaitingApproval",
+            "waiting for an approver",
+        ),
+        TaskPhase::Cancelled => (
+            EventType::Normal,
+            "Cancelled",
+            "cancelled at the device's request",
+        ),
+        TaskPhase::Failed => (EventType::Warning, "Failed", "failed; see status.reason"),
+        _ => return None,
+    };
+    Some(Event {
+        type_,
+        reason: reason.into(),
+        note: Some(format!("task {task}: {note}")),
+        action: "Reconcile".into(),
+        secondary: None,
+    })
+}

@@ -1,0 +1,767 @@
+//! The distributed task store: the Kubernetes API, where every record is a custom resource.
+//!
+//! - A task is an `AgentTask` named by its task id; its version is the resourceVersion, and status
+//!   writes are server-side applies that carry that resourceVersion, so the API server itself refuses a
+//!   write based on a stale read (409 -> [`StoreError::Conflict`]). Every runtime component applies
+//!   status under the one field manager [`FIELD_MANAGER`], so a field one component leaves out of its
+//!   apply (a cleared `reason`, say) is removed, exactly as in the embedded store.
+//! - Devices are `EdgeDevice`s; the replay guard is `status.lastSeq`, moved with a write conditional
+//!   on the device's resourceVersion (and a CEL rule that refuses any move backwards).
+//! - The policy is the `AgentPolicy` named `default`, cached from a watch.
+//! - Join tokens live, hashed, in the Secret [`JOIN_TOKENS_SECRET`]; spending one is a conditional
+//!   replace of that Secret.
+//! - [`TaskStore::changes`] is fed by a watch on AgentTasks.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use agentplane_api::TaskPhase;
+use agentplane_api::device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus};
+use agentplane_api::policy::{AgentPolicy, AgentPolicySpec, ModelTier};
+use agentplane_api::task::{AgentTask, AgentTaskSpec, AgentTaskStatus, TRACEPARENT_ANNOTATION};
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource as _, ResourceExt as _};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use super::{
+    Admission, DeviceRecord, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
+    TaskRecord, TaskStore, Version,
+};
+
+/// The field manager of every write the runtime makes.
+pub const FIELD_MANAGER: &str = "agentplane";
+/// Set on every AgentTask at creation; the operator removes it once a deleted task is accounted for.
+pub const FINALIZER: &str = "agentplane.dev/cleanup";
+/// The namespace's policy object.
+pub const POLICY_NAME: &str = "default";
+/// The Secret holding join-token hashes (never the tokens).
+pub const JOIN_TOKENS_SECRET: &str = "agentplane-join-tokens";
+
+/// How often the store retries a read-modify-write that keeps losing races before giving up.
+const CAS_ATTEMPTS: usize = 8;
+
+/// One join token's record in the Secret (its key is the token's SHA-256).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct JoinTokenRecord {
+    /// Unix seconds.
+    expires_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    used_by: Option<String>,
+}
+
+type PolicyCache = Arc<RwLock<Option<Option<AgentPolicySpec>>>>;
+
+pub struct KubeStore {
+    namespace: String,
+    tasks: Api<AgentTask>,
+    devices: Api<EdgeDevice>,
+    policies: Api<AgentPolicy>,
+    secrets: Api<Secret>,
+    changes: broadcast::Sender<TaskChanged>,
+    /// `Some(p)` once the policy watch has listed; `None` until then (reads go to the API).
+    policy: PolicyCache,
+    /// The cluster's model tier ladder, for a policy that lists no `models` of its own.
+    default_tiers: Vec<ModelTier>,
+    watchers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeStore {
+    fn drop(&mut self) {
+        for w in &self.watchers {
+            w.abort();
+        }
+    }
+}
+
+/// Maps an API error to the store's error for a record of `kind` named `id`.
+fn api_error(kind: &'static str, id: &str, e: kube::Error) -> StoreError {
+    match &e {
+        kube::Error::Api(s) if s.is_not_found() => StoreError::NotFound {
+            kind,
+            id: id.to_owned(),
+        },
+        kube::Error::Api(s) if s.is_conflict() => StoreError::Conflict {
+            kind,
+            id: id.to_owned(),
+            expected: String::new(),
+        },
+        kube::Error::Api(s) => StoreError::Backend(format!(
+            "{kind} {id}: the API server answered {} {}: {}",
+            s.code, s.reason, s.message
+        )),
+        _ => StoreError::Backend(format!("{kind} {id}: {e}")),
+    }
+}
+
+fn is_status(e: &kube::Error, pred: fn(&kube::core::Status) -> bool) -> bool {
+    matches!(e, kube::Error::Api(s) if pred(s))
+}
+
+/// The trace id inside a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn trace_id_of(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_owned())
+}
+
+/// The record for an AgentTask object.
+pub fn task_record(obj: &AgentTask) -> TaskRecord {
+    let mut status = obj.status.clone().unwrap_or_default();
+    if status.trace_id.is_none() {
+        status.trace_id = obj
+            .annotations()
+            .get(TRACEPARENT_ANNOTATION)
+            .and_then(|tp| trace_id_of(tp));
+    }
+    TaskRecord {
+        id: obj.name_any(),
+        spec: obj.spec.clone(),
+        status,
+        created_at: obj
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or_else(Timestamp::now),
+        version: Version(obj.resource_version().unwrap_or_default()),
+    }
+}
+
+fn device_record(obj: &EdgeDevice) -> DeviceRecord {
+    DeviceRecord {
+        name: obj.name_any(),
+        spec: obj.spec.clone(),
+        status: obj.status.clone().unwrap_or_default(),
+        version: Version(obj.resource_version().unwrap_or_default()),
+    }
+}
+
+fn publish(changes: &broadcast::Sender<TaskChanged>, task: TaskRecord) {
+    // No receivers is fine: nobody is watching yet.
+    let _ = changes.send(TaskChanged {
+        id: task.id.clone(),
+        phase: task.phase(),
+        cancel_requested: task.spec.cancel_requested(),
+        task: Arc::new(task),
+    });
+}
+
+impl KubeStore {
+    /// A store over `namespace`, with its task and policy watches started.
+    pub fn new(client: Client, namespace: impl Into<String>) -> Arc<KubeStore> {
+        Self::with_default_tiers(client, namespace, Vec::new())
+    }
+
+    /// A store whose policy falls back to `default_tiers` when it lists no models (the chart's
+    /// `agentplane-models` ConfigMap).
+    pub fn with_default_tiers(
+        client: Client,
+        namespace: impl Into<String>,
+        default_tiers: Vec<ModelTier>,
+    ) -> Arc<KubeStore> {
+        let namespace = namespace.into();
+        let (changes, _) = broadcast::channel(4096);
+        let policy: PolicyCache = Arc::new(RwLock::new(None));
+        let tasks: Api<AgentTask> = Api::namespaced(client.clone(), &namespace);
+        let policies: Api<AgentPolicy> = Api::namespaced(client.clone(), &namespace);
+        let watchers = vec![
+            tokio::spawn(watch_tasks(tasks.clone(), changes.clone())),
+            tokio::spawn(watch_policy(policies.clone(), policy.clone())),
+        ];
+        Arc::new(KubeStore {
+            devices: Api::namespaced(client.clone(), &namespace),
+            secrets: Api::namespaced(client, &namespace),
+            tasks,
+            policies,
+            namespace,
+            changes,
+            policy,
+            default_tiers,
+            watchers,
+        })
+    }
+
+    /// The AgentTask API of this namespace (for the operator's controller).
+    pub fn tasks_api(&self) -> &Api<AgentTask> {
+        &self.tasks
+    }
+
+    /// Moves the device's lastSeq to `seq` unless it is already there or beyond: `Ok(None)` when it
+    /// moved, `Ok(Some(last))` when `last >= seq` won.
+    async fn advance_seq(&self, device: &str, seq: u64) -> Result<Option<u64>, StoreError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let obj = self
+                .devices
+                .get_opt(device)
+                .await
+                .map_err(|e| api_error("EdgeDevice", device, e))?
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "EdgeDevice",
+                    id: device.to_owned(),
+                })?;
+            let current = obj.status.clone().unwrap_or_default();
+            if let Some(last) = current.last_seq
+                && last >= seq
+            {
+                return Ok(Some(last));
+            }
+            let status = EdgeDeviceStatus {
+                last_seen: Some(Time(Timestamp::now())),
+                last_seq: Some(seq),
+            };
+            let patch = serde_json::json!({
+                "metadata": { "resourceVersion": obj.resource_version() },
+                "status": status,
+            });
+            match self
+                .devices
+                .patch_status(device, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(None),
+                Err(e) if is_status(&e, kube::core::Status::is_conflict) => continue,
+                Err(e) => return Err(api_error("EdgeDevice", device, e)),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "EdgeDevice {device}: lastSeq kept changing; gave up after {CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn join_tokens(
+        &self,
+    ) -> Result<(Option<String>, BTreeMap<String, JoinTokenRecord>), StoreError> {
+        let Some(secret) = self
+            .secrets
+            .get_opt(JOIN_TOKENS_SECRET)
+            .await
+            .map_err(|e| api_error("Secret", JOIN_TOKENS_SECRET, e))?
+        else {
+            return Ok((None, BTreeMap::new()));
+        };
+        let mut tokens = BTreeMap::new();
+        for (hash, value) in secret.data.clone().unwrap_or_default() {
+            match serde_json::from_slice::<JoinTokenRecord>(&value.0) {
+                Ok(rec) => {
+                    tokens.insert(hash, rec);
+                }
+                // A hand-edited entry: skip it rather than lock every enrollment out.
+                Err(e) => tracing::warn!(token = %hash, error = %e, "unreadable join token record"),
+            }
+        }
+        Ok((secret.resource_version(), tokens))
+    }
+
+    /// Writes the token map, conditional on the Secret's version (`None`: create it).
+    async fn put_join_tokens(
+        &self,
+        version: Option<String>,
+        tokens: &BTreeMap<String, JoinTokenRecord>,
+    ) -> Result<(), StoreError> {
+        let data = tokens
+            .iter()
+            .map(|(k, v)| {
+                serde_json::to_vec(v)
+                    .map(|b| (k.clone(), ByteString(b)))
+                    .map_err(StoreError::backend)
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(JOIN_TOKENS_SECRET.into()),
+                namespace: Some(self.namespace.clone()),
+                resource_version: version.clone(),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "agentplane".to_owned(),
+                )])),
+                ..Default::default()
+            },
+            data: Some(data),
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        let result = match version {
+            None => self.secrets.create(&PostParams::default(), &secret).await,
+            Some(_) => {
+                self.secrets
+                    .replace(JOIN_TOKENS_SECRET, &PostParams::default(), &secret)
+                    .await
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, kube::core::Status::is_already_exists) => {
+                Err(StoreError::Conflict {
+                    kind: "Secret",
+                    id: JOIN_TOKENS_SECRET.into(),
+                    expected: "absent".into(),
+                })
+            }
+            Err(e) => Err(api_error("Secret", JOIN_TOKENS_SECRET, e)),
+        }
+    }
+
+    async fn list_matching(
+        &self,
+        keep: impl Fn(&TaskRecord) -> bool,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut out = Vec::new();
+        let mut params = ListParams::default().limit(500);
+        loop {
+            let page = self
+                .tasks
+                .list(&params)
+                .await
+                .map_err(|e| api_error("AgentTask", "(list)", e))?;
+            out.extend(page.items.iter().map(task_record).filter(|t| keep(t)));
+            match page.metadata.continue_ {
+                Some(c) if !c.is_empty() => params = params.continue_token(&c),
+                _ => break,
+            }
+        }
+        out.sort_by_key(|t| t.created_at);
+        Ok(out)
+    }
+}
+
+/// Publishes every AgentTask change; restarts the watch with backoff on errors.
+async fn watch_tasks(api: Api<AgentTask>, changes: broadcast::Sender<TaskChanged>) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Apply(obj) | Event::InitApply(obj)) => publish(&changes, task_record(&obj)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "AgentTask watch failed; retrying"),
+        }
+    }
+}
+
+/// Keeps the policy cache current.
+async fn watch_policy(api: Api<AgentPolicy>, cache: PolicyCache) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={POLICY_NAME}"));
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut listed: Option<AgentPolicySpec> = None;
+    while let Some(ev) = stream.next().await {
+        let set = |v: Option<AgentPolicySpec>| {
+            *cache.write().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        };
+        match ev {
+            Ok(Event::Init) => listed = None,
+            Ok(Event::InitApply(p)) => listed = Some(p.spec),
+            Ok(Event::InitDone) => set(listed.take()),
+            Ok(Event::Apply(p)) => set(Some(p.spec)),
+            Ok(Event::Delete(_)) => set(None),
+            Err(e) => {
+                // Until the watch recovers, read through to the API server.
+                *cache.write().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::warn!(error = %e, "AgentPolicy watch failed; retrying");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TaskStore for KubeStore {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn admit(&self, task: NewTask) -> Result<Admission, StoreError> {
+        if let Some(existing) = self.get_task(&task.id).await? {
+            return Ok(Admission::Existing(existing));
+        }
+        let device_name = task.spec.device_ref.name.clone();
+        let device = self
+            .get_device(&device_name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "EdgeDevice",
+                id: device_name.clone(),
+            })?;
+        if let Some(last_seq) = device.status.last_seq
+            && task.seq <= last_seq
+        {
+            return Ok(Admission::SeqReplay { last_seq });
+        }
+        let mut annotations = BTreeMap::new();
+        if let Some(trace_id) = &task.trace_id {
+            let span = uuid::Uuid::new_v4().simple().to_string();
+            annotations.insert(
+                TRACEPARENT_ANNOTATION.to_owned(),
+                format!("00-{trace_id}-{}-01", &span[..16]),
+            );
+        }
+        let obj = AgentTask {
+            metadata: ObjectMeta {
+                name: Some(task.id.clone()),
+                namespace: Some(self.namespace.clone()),
+                // Present from birth, so the operator never spends a write adding it.
+                finalizers: Some(vec![FINALIZER.to_owned()]),
+                annotations: (!annotations.is_empty()).then_some(annotations),
+                labels: Some(BTreeMap::from([(
+                    "agentplane.dev/device".to_owned(),
+                    device_name.clone(),
+                )])),
+                ..Default::default()
+            },
+            spec: task.spec.clone(),
+            status: None,
+        };
+        let created = match self.tasks.create(&PostParams::default(), &obj).await {
+            Ok(o) => o,
+            Err(e) if is_status(&e, kube::core::Status::is_already_exists) => {
+                return match self.get_task(&task.id).await? {
+                    Some(existing) => Ok(Admission::Existing(existing)),
+                    None => Err(StoreError::Conflict {
+                        kind: "AgentTask",
+                        id: task.id,
+                        expected: "absent".into(),
+                    }),
+                };
+            }
+            Err(e) => return Err(api_error("AgentTask", &task.id, e)),
+        };
+        // The task exists; now burn its seq. Losing to a higher seq (a concurrent submission from the
+        // same device) makes this one a replay after all: take it back. A crash in between leaves a
+        // task whose resubmission is answered `Existing`, never a burnt seq without a task.
+        match self.advance_seq(&device_name, task.seq).await {
+            Ok(None) => {
+                let mut record = task_record(&created);
+                record.status.phase = Some(TaskPhase::Pending);
+                Ok(Admission::Created(record))
+            }
+            Ok(Some(last_seq)) => {
+                self.withdraw(&task.id, task.seq, last_seq).await;
+                Ok(Admission::SeqReplay { last_seq })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        Ok(self
+            .tasks
+            .get_opt(id)
+            .await
+            .map_err(|e| api_error("AgentTask", id, e))?
+            .map(|o| task_record(&o)))
+    }
+
+    async fn list_unfinished(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.list_matching(|t| !t.phase().is_terminal()).await
+    }
+
+    async fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.list_matching(|_| true).await
+    }
+
+    async fn update_task_status(
+        &self,
+        id: &str,
+        expected: &Version,
+        status: AgentTaskStatus,
+    ) -> Result<TaskRecord, StoreError> {
+        // Server-side apply carrying the resourceVersion read: the API server refuses it with 409 if
+        // anything was written since, which is the conditional write the worker's exactly-once needs.
+        let apply = serde_json::json!({
+            "apiVersion": AgentTask::api_version(&()),
+            "kind": AgentTask::kind(&()),
+            "metadata": { "name": id, "resourceVersion": expected.0 },
+            "status": status,
+        });
+        match self
+            .tasks
+            .patch_status(
+                id,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&apply),
+            )
+            .await
+        {
+            Ok(obj) => {
+                let record = task_record(&obj);
+                publish(&self.changes, record.clone());
+                Ok(record)
+            }
+            Err(e) if is_status(&e, kube::core::Status::is_conflict) => Err(StoreError::Conflict {
+                kind: "AgentTask",
+                id: id.to_owned(),
+                expected: expected.0.clone(),
+            }),
+            Err(e) => Err(api_error("AgentTask", id, e)),
+        }
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<TaskRecord, StoreError> {
+        let patch = serde_json::json!({ "spec": { "cancel": true } });
+        let obj = self
+            .tasks
+            .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| api_error("AgentTask", id, e))?;
+        let record = task_record(&obj);
+        publish(&self.changes, record.clone());
+        Ok(record)
+    }
+
+    async fn get_device(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self
+            .devices
+            .get_opt(name)
+            .await
+            .map_err(|e| api_error("EdgeDevice", name, e))?
+            .map(|o| device_record(&o)))
+    }
+
+    async fn put_device(
+        &self,
+        name: &str,
+        spec: EdgeDeviceSpec,
+    ) -> Result<DeviceRecord, StoreError> {
+        let apply = serde_json::json!({
+            "apiVersion": EdgeDevice::api_version(&()),
+            "kind": EdgeDevice::kind(&()),
+            "metadata": { "name": name },
+            "spec": spec,
+        });
+        let obj = self
+            .devices
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&apply),
+            )
+            .await
+            .map_err(|e| api_error("EdgeDevice", name, e))?;
+        Ok(device_record(&obj))
+    }
+
+    async fn enroll(&self, e: Enrollment) -> Result<EnrollOutcome, StoreError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (version, mut tokens) = self.join_tokens().await?;
+            let now = Timestamp::now().as_second();
+            let (spendable, spent_by_this_device) = match tokens.get(&e.token_hash) {
+                None => (false, false),
+                Some(t) => (
+                    t.used_by.is_none() && t.expires_at > now,
+                    t.used_by.as_deref() == Some(e.device_id.as_str()),
+                ),
+            };
+            if !(spendable || spent_by_this_device) {
+                return Ok(EnrollOutcome::InvalidToken);
+            }
+            if let Some(existing) = self.get_device(&e.device_id).await? {
+                return Ok(same_device(&existing, &e.spec));
+            }
+            // Spend the token first: a crash after this leaves a token spent by this device, which
+            // lets the same device finish enrolling on retry and nobody else.
+            if spendable {
+                if let Some(t) = tokens.get_mut(&e.token_hash) {
+                    t.used_by = Some(e.device_id.clone());
+                }
+                match self.put_join_tokens(version, &tokens).await {
+                    Ok(()) => {}
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+            let obj = EdgeDevice {
+                metadata: ObjectMeta {
+                    name: Some(e.device_id.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: e.spec.clone(),
+                status: None,
+            };
+            return match self.devices.create(&PostParams::default(), &obj).await {
+                Ok(o) => Ok(EnrollOutcome::Created(device_record(&o))),
+                Err(err) if is_status(&err, kube::core::Status::is_already_exists) => {
+                    match self.get_device(&e.device_id).await? {
+                        Some(existing) => Ok(same_device(&existing, &e.spec)),
+                        None => Err(StoreError::Backend(format!(
+                            "EdgeDevice {} exists and does not",
+                            e.device_id
+                        ))),
+                    }
+                }
+                Err(err) => Err(api_error("EdgeDevice", &e.device_id, err)),
+            };
+        }
+        Err(StoreError::Backend(format!(
+            "Secret {JOIN_TOKENS_SECRET}: kept changing; gave up after {CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn add_join_token(
+        &self,
+        token_hash: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (version, mut tokens) = self.join_tokens().await?;
+            let rec = tokens
+                .entry(token_hash.to_owned())
+                .or_insert(JoinTokenRecord {
+                    expires_at: expires_at.as_second(),
+                    used_by: None,
+                });
+            if rec.used_by.is_some() {
+                return Ok(());
+            }
+            rec.expires_at = expires_at.as_second();
+            match self.put_join_tokens(version, &tokens).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "Secret {JOIN_TOKENS_SECRET}: kept changing; gave up after {CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn get_policy(&self) -> Result<Option<AgentPolicySpec>, StoreError> {
+        let cached = self
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let policy = match cached {
+            Some(p) => p,
+            None => self
+                .policies
+                .get_opt(POLICY_NAME)
+                .await
+                .map_err(|e| api_error("AgentPolicy", POLICY_NAME, e))?
+                .map(|p| p.spec),
+        };
+        Ok(policy.map(|mut p| {
+            if p.models.is_empty() {
+                p.models = self.default_tiers.clone();
+            }
+            p
+        }))
+    }
+
+    async fn put_policy(&self, spec: AgentPolicySpec) -> Result<(), StoreError> {
+        let apply = serde_json::json!({
+            "apiVersion": AgentPolicy::api_version(&()),
+            "kind": AgentPolicy::kind(&()),
+            "metadata": { "name": POLICY_NAME },
+            "spec": spec,
+        });
+        self.policies
+            .patch(
+                POLICY_NAME,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&apply),
+            )
+            .await
+            .map_err(|e| api_error("AgentPolicy", POLICY_NAME, e))?;
+        // Read-your-writes for this process; the watch confirms it shortly.
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(spec));
+        Ok(())
+    }
+
+    fn changes(&self) -> broadcast::Receiver<TaskChanged> {
+        self.changes.subscribe()
+    }
+}
+
+impl KubeStore {
+    /// Takes back a task this store just created but whose seq lost to a higher one: it is denied
+    /// (never run) rather than deleted, so nothing an API client saw disappears and the gateway needs
+    /// no delete permission. A resubmission of it is answered `Existing` with the denial.
+    async fn withdraw(&self, id: &str, seq: u64, last_seq: u64) {
+        let result = async {
+            let task = self.get_task(id).await?.ok_or_else(|| StoreError::NotFound {
+                kind: "AgentTask",
+                id: id.to_owned(),
+            })?;
+            let status = AgentTaskStatus {
+                phase: Some(TaskPhase::Denied),
+                reason: Some(format!(
+                    "replayed_seq: seq {seq} lost to a concurrent submission (device lastSeq {last_seq})"
+                )),
+                ..task.status.clone()
+            };
+            super::write_status(self, &task, status).await
+        }
+        .await;
+        if let Err(e) = result {
+            // The operator's reconcile would still admit it: say so loudly.
+            tracing::error!(task = %id, error = %e, "could not deny a task that lost its seq race");
+        }
+    }
+}
+
+/// A second enrollment of an existing device name: harmless if it is the same device.
+fn same_device(existing: &DeviceRecord, spec: &EdgeDeviceSpec) -> EnrollOutcome {
+    let same_keys = spec.public_keys.iter().all(|k| {
+        existing
+            .spec
+            .public_keys
+            .iter()
+            .any(|x| x.id == k.id && x.key == k.key)
+    });
+    if same_keys && !existing.spec.revoked {
+        EnrollOutcome::AlreadyEnrolled(existing.clone())
+    } else {
+        EnrollOutcome::NameTaken
+    }
+}
+
+/// Builds an AgentTask object for a spec (tests and tools creating tasks around the gateway).
+pub fn task_object(name: &str, namespace: &str, spec: AgentTaskSpec) -> AgentTask {
+    AgentTask {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            finalizers: Some(vec![FINALIZER.to_owned()]),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_out_of_traceparents() {
+        assert_eq!(
+            trace_id_of("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!(trace_id_of("00-xyz-b7ad6b7169203331-01"), None);
+        assert_eq!(trace_id_of(""), None);
+    }
+
+    #[test]
+    fn join_token_records_round_trip() {
+        let r = JoinTokenRecord {
+            expires_at: 10,
+            used_by: Some("kiosk-1".into()),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"expiresAt":10,"usedBy":"kiosk-1"}"#);
+        assert_eq!(serde_json::from_str::<JoinTokenRecord>(&s).unwrap(), r);
+    }
+}
