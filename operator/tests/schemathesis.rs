@@ -54,7 +54,9 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
                 "2",
             ])
             .arg("--report-dir")
-            .arg(&reports);
+            .arg(&reports)
+            // Its example cache (.schemathesis/) goes into the scratch dir, not the source tree.
+            .current_dir(reports.parent().unwrap_or(&reports));
             if let Some(h) = auth {
                 cmd.args(["-H", h]);
             }
