@@ -3,9 +3,9 @@
 //!
 //! Two passes over the same number of tasks with the same number of concurrent chains (each chain
 //! does one task at a time, like a device sending its outbox in order):
-//! - the floor: a client with no logic doing what one task costs the cluster at least: create the
-//!   AgentTask, send the message, apply status Queued, receive, apply Running, apply Succeeded,
-//!   delete the message;
+//! - the floor: a client with no logic doing the writes one task costs the cluster at least: create
+//!   the AgentTask, move its device's lastSeq (the replay guard's status write), send the message,
+//!   apply status Queued, receive, apply Running, apply Succeeded, delete the message;
 //! - the runtime: `agentplane operator` and `agentplane worker` processes; the bench admits signed
 //!   tasks through the store (as the gateway does) and waits on the watch for Succeeded.
 //!
@@ -104,6 +104,27 @@ async fn bench(args: ClusterBenchArgs) -> anyhow::Result<()> {
     let pair = ensure_queue_pair(&s.sqs, &s.namespace, false, 5, Duration::from_secs(30)).await?;
     let queue = SqsQueue::new(s.sqs.clone(), pair.queue_url.clone());
     let tasks: Api<AgentTask> = Api::namespaced(s.client.clone(), &s.namespace);
+    let devices: Api<agentplane_api::device::EdgeDevice> =
+        Api::namespaced(s.client.clone(), &s.namespace);
+    let floor_device = |c: usize| agentplane_api::device::EdgeDevice {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("floor-{c}")),
+            ..Default::default()
+        },
+        spec: agentplane_api::device::EdgeDeviceSpec {
+            public_keys: vec![],
+            owner: "bench".into(),
+            allowed_intents: vec![],
+            revoked: false,
+        },
+        status: None,
+    };
+    for c in 0..chains {
+        devices
+            .create(&PostParams::default(), &floor_device(c))
+            .await
+            .context("creating a floor device")?;
+    }
     let template = {
         let d = DeviceIdentity::generate("bench")?;
         let p = d.intent(1, "summarize", "hello bench");
@@ -221,13 +242,13 @@ async fn bench(args: ClusterBenchArgs) -> anyhow::Result<()> {
 
     println!("distributed path ({total} tasks, {chains} chains, builtin model):");
     println!(
-        "  floor (create + 3 status applies + SQS send/receive/delete, no logic): {:>7.1} tasks/s  p50 {:>7.1} ms  p99 {:>7.1} ms",
+        "  floor (create, lastSeq write, 3 status applies, SQS send/receive/delete): {:>7.1} tasks/s  p50 {:>7.1} ms  p99 {:>7.1} ms",
         floor.per_sec,
         ms(floor.p50),
         ms(floor.p99)
     );
     println!(
-        "  runtime (operator + worker processes):                                 {:>7.1} tasks/s  p50 {:>7.1} ms  p99 {:>7.1} ms",
+        "  runtime (operator + worker processes):                                   {:>7.1} tasks/s  p50 {:>7.1} ms  p99 {:>7.1} ms",
         runtime.per_sec,
         ms(runtime.p50),
         ms(runtime.p99)

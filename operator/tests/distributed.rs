@@ -468,3 +468,46 @@ async fn the_gateway_over_kubernetes_refuses_bad_devices_and_creates_nothing() {
     assert_eq!(c.task_count().await, tasks_before, "nothing created");
     assert_eq!(c.depth().await, 0, "nothing queued");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cuts_a_burst_exactly_at_the_rate_limit() {
+    use agentplane_api::policy::{IntentRule, RateLimit, RateLimitAction, Scope};
+    let c = Cluster::new("ratelimit").await;
+    let mut policy = cluster::policy();
+    policy.intents.push(IntentRule {
+        kind: "summarize".into(),
+        allowed: true,
+        requires_approval: false,
+        privacy_levels: vec![],
+        rate_limits: vec![RateLimit {
+            scope: Scope::Device,
+            requests: 3,
+            period_seconds: 3600,
+        }],
+        on_rate_limit: RateLimitAction::Deny,
+    });
+    c.store.put_policy(policy).await.unwrap();
+    // The burst is waiting before the operator starts, so every admission races for the window.
+    let d = c.device("kiosk-1").await;
+    let mut ids = Vec::new();
+    for seq in 1..=8 {
+        ids.push(c.admit(&d, &d.intent(seq, "summarize", "burst")).await);
+    }
+    let _operator = c.operator("op-a");
+    let _worker = c.worker("worker-a");
+    let (mut ok, mut limited) = (0, 0);
+    for id in &ids {
+        let t = c.wait_terminal(id).await;
+        match t.phase() {
+            TaskPhase::Succeeded => ok += 1,
+            TaskPhase::Denied => {
+                let reason = t.status.reason.unwrap_or_default();
+                assert!(reason.contains("rate_limited"), "{reason}");
+                assert!(reason.contains("retry after"), "{reason}");
+                limited += 1;
+            }
+            other => panic!("{id} ended {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (3, 5));
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane_api::TaskPhase;
-use agentplane_api::task::AgentTask;
+use agentplane_api::task::{AgentTask, TRACEPARENT_ANNOTATION};
 use futures::StreamExt as _;
 use kube::Client;
 use kube::Resource as _;
@@ -20,6 +20,7 @@ use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::watcher;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::{ControllerError, Outcome, governs, reconcile, reconcile_with_ledger};
 use crate::metrics::Metrics;
@@ -27,6 +28,7 @@ use crate::policy::ledger::Ledger;
 use crate::queue::DynQueue;
 use crate::store::kubernetes::{FINALIZER, KubeStore, task_record};
 use crate::store::{StoreError, TaskStore};
+use crate::telemetry;
 
 #[derive(Clone, Debug)]
 pub struct OperatorConfig {
@@ -148,7 +150,7 @@ pub async fn run(
         tracing::info!(identity = %config.identity, lease = %config.lease_name, "leading: starting the controller");
         metrics.set_gauge("agentplane_operator_leader", &[], 1);
         let term = shutdown.child_token();
-        let feed = tokio::spawn(feed_ledger(ctx.clone(), term.clone()));
+        let feed = tokio::spawn(load_ledger(ctx.clone(), term.clone()));
         let running = tokio::spawn(controller(ctx.clone(), config.concurrency, term.clone()));
         let mut lost = false;
         loop {
@@ -182,54 +184,34 @@ pub async fn run(
     Ok(())
 }
 
-/// Loads the ledger (holding its lock, so no admission runs on a half-built one) and keeps it fed.
-async fn feed_ledger(ctx: Arc<Context>, stop: CancellationToken) {
-    let mut changes = ctx.store.changes();
-    {
-        let mut ledger = ctx.ledger.lock().await;
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let loaded = async {
-                let tasks = ctx.store.list_tasks().await?;
-                let policy = ctx.store.get_policy().await?;
-                Ok::<_, StoreError>(Ledger::rebuild(
-                    &tasks,
-                    policy.as_ref(),
-                    jiff::Timestamp::now(),
-                ))
-            };
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = loaded => match r {
-                    Ok(l) => {
-                        *ledger = l;
-                        tracing::info!(admitted = ledger.admitted_tasks(), "governance ledger loaded");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, retry_in = ?backoff, "could not load the governance ledger");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                },
-            }
-        }
-    }
+/// Loads the ledger, holding its lock so no admission runs on a half-built one. From then on every
+/// reconcile shows the ledger the task it saw (`apply`), which is every change the watch delivers.
+async fn load_ledger(ctx: Arc<Context>, stop: CancellationToken) {
+    let mut ledger = ctx.ledger.lock().await;
+    let mut backoff = Duration::from_millis(200);
     loop {
+        let loaded = async {
+            let tasks = ctx.store.list_tasks().await?;
+            let policy = ctx.store.get_policy().await?;
+            Ok::<_, StoreError>(Ledger::rebuild(
+                &tasks,
+                policy.as_ref(),
+                jiff::Timestamp::now(),
+            ))
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            ev = changes.recv() => match ev {
-                Ok(ev) => {
-                    let policy = ctx.store.get_policy().await.ok().flatten();
-                    ctx.ledger.lock().await.observe(&ev.task, policy.as_ref(), jiff::Timestamp::now());
+            r = loaded => match r {
+                Ok(l) => {
+                    *ledger = l;
+                    tracing::info!(admitted = ledger.admitted_tasks(), "governance ledger loaded");
+                    return;
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "ledger feed fell behind; rebuilding");
-                    if let (Ok(tasks), Ok(policy)) = (ctx.store.list_tasks().await, ctx.store.get_policy().await) {
-                        *ctx.ledger.lock().await = Ledger::rebuild(&tasks, policy.as_ref(), jiff::Timestamp::now());
-                    }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "could not load the governance ledger");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
         }
     }
@@ -253,12 +235,14 @@ async fn controller(ctx: Arc<Context>, concurrency: u16, stop: CancellationToken
 async fn reconcile_task(obj: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let api = ctx.store.tasks_api().clone();
     let started = std::time::Instant::now();
+    let span = reconcile_span(&obj);
     let result = finalizer(&api, FINALIZER, obj, |event| async {
         match event {
             finalizer::Event::Apply(obj) => apply(&obj, &ctx).await,
             finalizer::Event::Cleanup(obj) => cleanup(&obj, &ctx).await,
         }
     })
+    .instrument(span)
     .await;
     ctx.metrics.observe(
         "agentplane_reconcile_seconds",
@@ -269,6 +253,28 @@ async fn reconcile_task(obj: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         other => ReconcileError::Finalizer(other.to_string()),
     })
+}
+
+/// The reconcile's span in the task's trace: a child of the `traceparent` annotation (the gateway's
+/// hop), or of a stand-in parent when only `status.traceId` is known.
+fn reconcile_span(obj: &AgentTask) -> tracing::Span {
+    let span = tracing::info_span!(
+        "operator.reconcile",
+        task = %kube::ResourceExt::name_any(obj),
+        phase = ?obj.status.as_ref().and_then(|s| s.phase),
+    );
+    let annotation = kube::ResourceExt::annotations(obj)
+        .get(TRACEPARENT_ANNOTATION)
+        .map(String::as_str);
+    let trace_id = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.trace_id.clone())
+        .or_else(|| annotation.and_then(telemetry::trace_id_in));
+    if let Some(trace_id) = &trace_id {
+        telemetry::join_trace(&span, trace_id, annotation);
+    }
+    span
 }
 
 async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError> {

@@ -10,7 +10,7 @@
 //! - The policy is the `AgentPolicy` named `default`, cached from a watch.
 //! - Join tokens live, hashed, in the Secret [`JOIN_TOKENS_SECRET`]; spending one is a conditional
 //!   replace of that Secret.
-//! - [`TaskStore::changes`] is fed by a watch on AgentTasks.
+//! - [`TaskStore::changes`] is fed by a watch on AgentTasks, started by the first subscriber.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -74,11 +74,14 @@ pub struct KubeStore {
     /// The cluster's model tier ladder, for a policy that lists no `models` of its own.
     default_tiers: Vec<ModelTier>,
     watchers: Vec<JoinHandle<()>>,
+    /// The AgentTask watch behind `changes()`, started by the first subscriber: the operator has
+    /// its controller's own watch and would only pay twice for a second one.
+    task_watch: std::sync::OnceLock<JoinHandle<()>>,
 }
 
 impl Drop for KubeStore {
     fn drop(&mut self) {
-        for w in &self.watchers {
+        for w in self.watchers.iter().chain(self.task_watch.get()) {
             w.abort();
         }
     }
@@ -175,10 +178,7 @@ impl KubeStore {
         let policy: PolicyCache = Arc::new(RwLock::new(None));
         let tasks: Api<AgentTask> = Api::namespaced(client.clone(), &namespace);
         let policies: Api<AgentPolicy> = Api::namespaced(client.clone(), &namespace);
-        let watchers = vec![
-            tokio::spawn(watch_tasks(tasks.clone(), changes.clone())),
-            tokio::spawn(watch_policy(policies.clone(), policy.clone())),
-        ];
+        let watchers = vec![tokio::spawn(watch_policy(policies.clone(), policy.clone()))];
         Arc::new(KubeStore {
             devices: Api::namespaced(client.clone(), &namespace),
             secrets: Api::namespaced(client, &namespace),
@@ -189,6 +189,7 @@ impl KubeStore {
             policy,
             default_tiers,
             watchers,
+            task_watch: std::sync::OnceLock::new(),
         })
     }
 
@@ -198,20 +199,23 @@ impl KubeStore {
     }
 
     /// Moves the device's lastSeq to `seq` unless it is already there or beyond: `Ok(None)` when it
-    /// moved, `Ok(Some(last))` when `last >= seq` won.
-    async fn advance_seq(&self, device: &str, seq: u64) -> Result<Option<u64>, StoreError> {
+    /// moved, `Ok(Some(last))` when `last >= seq` won. Starts from the record the caller read and
+    /// re-reads only after losing a race.
+    async fn advance_seq(&self, device: DeviceRecord, seq: u64) -> Result<Option<u64>, StoreError> {
+        let name = device.name.clone();
+        let mut current = Some(device);
         for _ in 0..CAS_ATTEMPTS {
-            let obj = self
-                .devices
-                .get_opt(device)
-                .await
-                .map_err(|e| api_error("EdgeDevice", device, e))?
-                .ok_or_else(|| StoreError::NotFound {
-                    kind: "EdgeDevice",
-                    id: device.to_owned(),
-                })?;
-            let current = obj.status.clone().unwrap_or_default();
-            if let Some(last) = current.last_seq
+            let device = match current.take() {
+                Some(d) => d,
+                None => self
+                    .get_device(&name)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound {
+                        kind: "EdgeDevice",
+                        id: name.clone(),
+                    })?,
+            };
+            if let Some(last) = device.status.last_seq
                 && last >= seq
             {
                 return Ok(Some(last));
@@ -221,21 +225,21 @@ impl KubeStore {
                 last_seq: Some(seq),
             };
             let patch = serde_json::json!({
-                "metadata": { "resourceVersion": obj.resource_version() },
+                "metadata": { "resourceVersion": device.version.0 },
                 "status": status,
             });
             match self
                 .devices
-                .patch_status(device, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => return Ok(None),
                 Err(e) if is_status(&e, kube::core::Status::is_conflict) => continue,
-                Err(e) => return Err(api_error("EdgeDevice", device, e)),
+                Err(e) => return Err(api_error("EdgeDevice", &name, e)),
             }
         }
         Err(StoreError::Backend(format!(
-            "EdgeDevice {device}: lastSeq kept changing; gave up after {CAS_ATTEMPTS} attempts"
+            "EdgeDevice {name}: lastSeq kept changing; gave up after {CAS_ATTEMPTS} attempts"
         )))
     }
 
@@ -381,9 +385,8 @@ impl TaskStore for KubeStore {
     }
 
     async fn admit(&self, task: NewTask) -> Result<Admission, StoreError> {
-        if let Some(existing) = self.get_task(&task.id).await? {
-            return Ok(Admission::Existing(existing));
-        }
+        // Three API calls on the common path (read the device, create, move lastSeq); the task is
+        // looked up only when its seq is not new, to tell a resubmission from a replay.
         let device_name = task.spec.device_ref.name.clone();
         let device = self
             .get_device(&device_name)
@@ -395,15 +398,18 @@ impl TaskStore for KubeStore {
         if let Some(last_seq) = device.status.last_seq
             && task.seq <= last_seq
         {
-            return Ok(Admission::SeqReplay { last_seq });
+            return Ok(match self.get_task(&task.id).await? {
+                Some(existing) => Admission::Existing(existing),
+                None => Admission::SeqReplay { last_seq },
+            });
         }
         let mut annotations = BTreeMap::new();
-        if let Some(trace_id) = &task.trace_id {
-            let span = uuid::Uuid::new_v4().simple().to_string();
-            annotations.insert(
-                TRACEPARENT_ANNOTATION.to_owned(),
-                format!("00-{trace_id}-{}-01", &span[..16]),
-            );
+        // The admitting span (the gateway's hop) when it is in the task's trace, so the operator's
+        // reconcile becomes its child; else a fresh span id under the task's trace id.
+        if let Some(trace_id) = &task.trace_id
+            && let Some(tp) = crate::telemetry::hop_traceparent(&tracing::Span::current(), trace_id)
+        {
+            annotations.insert(TRACEPARENT_ANNOTATION.to_owned(), tp);
         }
         let obj = AgentTask {
             metadata: ObjectMeta {
@@ -438,7 +444,7 @@ impl TaskStore for KubeStore {
         // The task exists; now burn its seq. Losing to a higher seq (a concurrent submission from the
         // same device) makes this one a replay after all: take it back. A crash in between leaves a
         // task whose resubmission is answered `Existing`, never a burnt seq without a task.
-        match self.advance_seq(&device_name, task.seq).await {
+        match self.advance_seq(device, task.seq).await {
             Ok(None) => {
                 let mut record = task_record(&created);
                 record.status.phase = Some(TaskPhase::Pending);
@@ -679,7 +685,11 @@ impl TaskStore for KubeStore {
     }
 
     fn changes(&self) -> broadcast::Receiver<TaskChanged> {
-        self.changes.subscribe()
+        // Subscribe before the watch starts, so its initial listing reaches this receiver.
+        let rx = self.changes.subscribe();
+        self.task_watch
+            .get_or_init(|| tokio::spawn(watch_tasks(self.tasks.clone(), self.changes.clone())));
+        rx
     }
 }
 
