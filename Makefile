@@ -30,6 +30,11 @@ stack-down: ## Stop what stack-up started
 bench: ## Run the whole-system benchmarks under ci/bench/
 	ci/bench/run.sh
 
+deb: ## Build the edge agent's .deb (cargo-deb) into target/debian/
+	ci/peers.sh cargo-deb
+	cargo build --release -p agentplane-edge
+	. "$${AGENTPLANE_CACHE:-$$HOME/.cache/agentplane}/peers/peers.env" && "$$AGENTPLANE_CARGO_DEB" -p agentplane-edge --no-build
+
 crdgen: ## Regenerate charts/agentplane/crds from the api crate
 	cargo run -q -p agentplane -- crdgen --out charts/agentplane/crds
 

@@ -26,8 +26,9 @@ FN_PAT_VERSION=v0.5.0
 FN_AUTO_READY_VERSION=v0.7.0
 HELM_VERSION=v3.22.0
 PLAYWRIGHT_VERSION=1.65.1
+CARGO_DEB_VERSION=3.8.0
 
-ALL_PEERS=(moto schemathesis chromium playwright-core etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
+ALL_PEERS=(moto schemathesis chromium playwright-core cargo-deb etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
 # module downloads and compiled packages of the others.
@@ -139,6 +140,13 @@ build_playwright_core() {
   ln -sf node_modules/.bin/playwright-core "$dir/playwright-core"
 }
 
+# cargo-deb (crates.io) packages the edge agent as a .deb; built with the Rust toolchain here.
+build_cargo_deb() {
+  local dir=$1
+  cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --root "$dir" --quiet
+  ln -sf bin/cargo-deb "$dir/cargo-deb"
+}
+
 build_etcd() {
   # The checksum database behind the module proxy does not answer for some
   # etcd 3.5 submodules; the wrapper's committed go.sum pins them instead
@@ -200,6 +208,7 @@ peer_info() {
     schemathesis) echo "$SCHEMATHESIS_VERSION st AGENTPLANE_SCHEMATHESIS" ;;
     chromium) echo "debian chromium AGENTPLANE_CHROMIUM" ;;
     playwright-core) echo "$PLAYWRIGHT_VERSION playwright-core AGENTPLANE_PLAYWRIGHT_CORE" ;;
+    cargo-deb) echo "$CARGO_DEB_VERSION cargo-deb AGENTPLANE_CARGO_DEB" ;;
     etcd) echo "$ETCD_VERSION etcd AGENTPLANE_ETCD" ;;
     kube-apiserver) echo "$KUBE_VERSION kube-apiserver AGENTPLANE_KUBE_APISERVER" ;;
     tofu) echo "$TOFU_VERSION tofu AGENTPLANE_TOFU" ;;
@@ -268,6 +277,7 @@ check_tools() {
     moto | schemathesis) tool=python3 ;;
     chromium) tool=bash ;;
     playwright-core) tool=npm ;;
+    cargo-deb) tool=cargo ;;
     *) tool=go ;;
   esac
   command -v "$tool" >/dev/null || die "$name needs '$tool' on PATH"

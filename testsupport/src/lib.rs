@@ -80,6 +80,7 @@ const PEERS: &[(&str, &str)] = &[
     ),
     ("function-auto-ready", "AGENTPLANE_FN_AUTO_READY"),
     ("helm", "AGENTPLANE_HELM"),
+    ("cargo-deb", "AGENTPLANE_CARGO_DEB"),
 ];
 
 fn known_peers() -> String {
