@@ -7,7 +7,7 @@ export AGENTPLANE_CACHE ?= $(HOME)/.cache/agentplane
 # Upstream CRDs used as fixtures; outside users point this at their own copy (see README).
 export AGENTPLANE_CRDS ?= $(abspath $(CURDIR)/../shared/crds)
 
-.PHONY: help demo test peers stack-up stack-down bench crdgen fmt lint
+.PHONY: help demo test peers stack-up stack-down bench deb crdgen fmt lint
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
