@@ -72,6 +72,7 @@ pub struct ProviderData {
     sdk: OnceCell<aws_config::SdkConfig>,
     sqs: OnceCell<aws_sdk_sqs::Client>,
     kms: OnceCell<aws_sdk_kms::Client>,
+    eks: OnceCell<aws_sdk_eks::Client>,
 }
 
 /// Default retry budget: throttling and transient errors are retried with exponential backoff
@@ -86,6 +87,7 @@ impl ProviderData {
             sdk: OnceCell::new(),
             sqs: OnceCell::new(),
             kms: OnceCell::new(),
+            eks: OnceCell::new(),
         }
     }
 
@@ -140,6 +142,18 @@ impl ProviderData {
                     b = b.endpoint_url(e);
                 }
                 aws_sdk_kms::Client::from_conf(b.build())
+            })
+            .await
+    }
+
+    pub async fn eks(&self) -> &aws_sdk_eks::Client {
+        self.eks
+            .get_or_init(|| async {
+                let mut b = aws_sdk_eks::config::Builder::from(self.sdk().await);
+                if let Some(e) = &self.aws.endpoints.eks {
+                    b = b.endpoint_url(e);
+                }
+                aws_sdk_eks::Client::from_conf(b.build())
             })
             .await
     }
@@ -241,7 +255,7 @@ impl Provider for AgentplaneProvider {
             .attr(Attribute::string("config_context").optional().describe("Context to use from the kubeconfig."));
         Schema {
             version: 0,
-            block: Block::new("The agentplane provider provisions the cloud side of agentplane: KMS keys and SQS queues today, the EKS cluster and runtime next.")
+            block: Block::new("The agentplane provider provisions the cloud side of agentplane: KMS keys, SQS queues, the EKS cluster and GPU node pool, and, through the `kubernetes` settings, the runtime in the cluster, its KEDA scaler, edge devices and policies.")
                 .attr(Attribute::string("region").optional().describe("AWS region. Defaults to the standard chain (`AWS_REGION`, profile)."))
                 .attr(Attribute::string("profile").optional().describe("Shared config/credentials profile to use."))
                 .attr(Attribute::string("access_key").optional().sensitive().describe("Static access key id; requires `secret_key`."))
@@ -328,6 +342,12 @@ impl Provider for AgentplaneProvider {
         vec![
             Arc::new(resources::kms_key::KmsKey),
             Arc::new(resources::queue::Queue),
+            Arc::new(resources::cluster::Cluster),
+            Arc::new(resources::gpu_node_pool::GpuNodePool),
+            Arc::new(resources::platform::Platform),
+            Arc::new(resources::keda_scaler::KedaScaler),
+            Arc::new(resources::edge_device::EdgeDevice),
+            Arc::new(resources::agent_policy::AgentPolicy),
         ]
     }
 

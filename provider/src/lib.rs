@@ -3,7 +3,10 @@
 
 pub mod aws;
 pub mod config;
+pub mod eks;
 pub mod framework;
+pub mod kube;
+pub mod platform_manifests;
 pub mod plugin;
 pub mod resources;
 

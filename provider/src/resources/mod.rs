@@ -1,6 +1,12 @@
 //! Resources and data sources, one file each.
 
+pub mod agent_policy;
+pub mod cluster;
+pub mod edge_device;
+pub mod gpu_node_pool;
+pub mod keda_scaler;
 pub mod kms_key;
+pub mod platform;
 pub mod queue;
 pub mod queue_data;
 

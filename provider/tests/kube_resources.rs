@@ -1,0 +1,1723 @@
+//! The Kubernetes-side resources (`agentplane_platform`, `agentplane_keda_scaler`,
+//! `agentplane_edge_device`, `agentplane_agent_policy`) against a real kube-apiserver from the
+//! shared stack — with the real KEDA CRDs from `../shared/crds/keda` — driven two ways:
+//!
+//! - through the library (`Resource` calls with provider data), for what needs a precise look:
+//!   the chart parity of the platform's objects (Helm renders the chart, we compare object by
+//!   object), strict server-side dry runs, drift, field manager conflicts, a terminating
+//!   namespace, an unreachable API and a bad token;
+//! - through OpenTofu (protocol 6) and Terraform 1.5.7 (protocol 5), installed from a
+//!   filesystem mirror like `tests/e2e.rs`, for the whole lifecycle: create, empty second plan,
+//!   in-place update, ForceNew replacement, import, out-of-band delete -> recreate, a conflict
+//!   reported and then forced, destroy leaving nothing behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use agentplane_testsupport::{Stack, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value as Json, json};
+use terraform_provider_agentplane::config::{AwsSettings, KubeSettings, ProviderData};
+use terraform_provider_agentplane::framework::{
+    AttrPath, Block, Diagnostics, Resource, Value, codec, plan,
+};
+use terraform_provider_agentplane::kube::FIELD_MANAGER;
+use terraform_provider_agentplane::platform_manifests::{self as pm, PlatformSpec};
+use terraform_provider_agentplane::resources::agent_policy::AgentPolicy;
+use terraform_provider_agentplane::resources::edge_device::EdgeDevice;
+use terraform_provider_agentplane::resources::keda_scaler::KedaScaler;
+use terraform_provider_agentplane::resources::platform::Platform;
+
+const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
+/// Field manager of this test's own writes (never the provider's).
+const TEST_MANAGER: &str = "kube-resources-test";
+/// RFC 8032 test vectors 1 and 2: valid Ed25519 public keys, base64.
+const KEY1: &str = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+const KEY2: &str = "PUAXw+hDiVqStwqnTRt+vJyYLM8uxJaMwM1V8Sr0Zgw=";
+
+fn stack() -> &'static Stack {
+    Stack::shared().unwrap_or_else(|e| panic!("real-peer stack unavailable: {e}"))
+}
+
+fn env(stack: &Stack, key: &str) -> String {
+    stack
+        .env()
+        .get(key)
+        .unwrap_or_else(|| panic!("{key} missing from stack.env"))
+        .clone()
+}
+
+fn kube_settings(stack: &Stack) -> KubeSettings {
+    KubeSettings {
+        host: Some(env(stack, "AGENTPLANE_KUBE_SERVER")),
+        token: Some(env(stack, "AGENTPLANE_KUBE_TOKEN")),
+        cluster_ca_certificate: Some(
+            std::fs::read_to_string(env(stack, "AGENTPLANE_KUBE_CA")).unwrap(),
+        ),
+        ..Default::default()
+    }
+}
+
+fn provider_data(kube: KubeSettings) -> ProviderData {
+    ProviderData::new(AwsSettings::default(), kube)
+}
+
+/// A name no other test in this process (or an earlier run against a reused stack) uses.
+fn unique(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// What Terraform would plan for creating `config` (validated as Terraform would).
+fn plan_create<R: Resource<ProviderData>>(r: &R, config: Json) -> Value {
+    let schema = r.schema();
+    let cfg = codec::from_json(&config, &schema.block.ty(), &AttrPath::root(), 0)
+        .unwrap_or_else(|e| panic!("config does not decode: {e:?}"));
+    let mut d = Diagnostics::new();
+    schema
+        .block
+        .validate_config(&cfg, &AttrPath::root(), &mut d);
+    r.validate(&cfg, &mut d);
+    assert!(d.is_empty(), "config does not validate:\n{d}");
+    let cfg = empty_blocks(&schema.block, cfg);
+    let mut p = plan::plan(&schema.block, &Value::Null, &cfg, &cfg).state;
+    r.modify_plan(&Value::Null, &mut p, &cfg, &mut d);
+    p
+}
+
+/// Terraform sends an absent list block as `[]`, never null; so does this.
+fn empty_blocks(block: &Block, v: Value) -> Value {
+    let Value::Object(mut m) = v else { return v };
+    for b in &block.blocks {
+        let items = match m.remove(b.type_name).unwrap_or_default() {
+            Value::List(items) => items
+                .into_iter()
+                .map(|i| empty_blocks(&b.block, i))
+                .collect(),
+            _ => vec![],
+        };
+        m.insert(b.type_name.to_string(), Value::List(items));
+    }
+    Value::Object(m)
+}
+
+fn api(
+    client: &kube::Client,
+    api_version: &str,
+    kind: &str,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let plural = terraform_provider_agentplane::kube::plural(kind);
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), &plural);
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
+}
+
+async fn get(
+    client: &kube::Client,
+    api_version: &str,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> Option<Json> {
+    api(client, api_version, kind, Some(ns))
+        .get_opt(name)
+        .await
+        .unwrap()
+        .map(|o| serde_json::to_value(o).unwrap())
+}
+
+async fn create_namespace(client: &kube::Client, ns: &str) {
+    let obj: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .unwrap();
+    api(client, "v1", "Namespace", None)
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap();
+}
+
+/// An apply by someone else (`manager`), taking the fields over as kubectl --force-conflicts does.
+async fn intrude(client: &kube::Client, manager: &str, obj: &Json) {
+    let ns = obj["metadata"]["namespace"].as_str();
+    let a = api(
+        client,
+        obj["apiVersion"].as_str().unwrap(),
+        obj["kind"].as_str().unwrap(),
+        ns,
+    );
+    a.patch(
+        obj["metadata"]["name"].as_str().unwrap(),
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("intruder apply: {e}"));
+}
+
+/// A strict server-side dry-run apply by the test's own manager.
+async fn strict_dry_run(client: &kube::Client, obj: &Json) -> Result<(), kube::Error> {
+    let a = api(
+        client,
+        obj["apiVersion"].as_str().unwrap(),
+        obj["kind"].as_str().unwrap(),
+        obj["metadata"]["namespace"].as_str(),
+    );
+    a.patch(
+        obj["metadata"]["name"].as_str().unwrap(),
+        &PatchParams::apply(TEST_MANAGER)
+            .force()
+            .dry_run()
+            .validation_strict(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn keda_crds() -> Vec<Json> {
+    let dir = std::env::var_os("AGENTPLANE_CRDS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| agentplane_testsupport::repo_root().join("../shared/crds"))
+        .join("keda");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("KEDA CRDs in {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| parse_stream(&std::fs::read_to_string(f).unwrap()))
+        .collect()
+}
+
+/// Every non-empty document of a YAML stream.
+fn parse_stream(yaml: &str) -> Vec<Json> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| <Json as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Installs the real KEDA CRDs (idempotent; tests share the stack).
+async fn install_keda(client: &kube::Client) {
+    agentplane_testsupport::apply_crds(client, &keda_crds(), TEST_MANAGER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Library-level checks
+// ---------------------------------------------------------------------------------------------
+
+fn tiers() -> Json {
+    json!([
+        {"name": "large", "endpointKind": "openai", "endpoint": "https://api.openai.com/v1", "model": "gpt-4.1",
+         "pricePer1kInputMicros": 2000, "pricePer1kOutputMicros": 8000, "privacyLevels": ["public"],
+         "secretRef": {"name": "openai-api-key", "key": "token"}},
+        {"name": "dev", "endpointKind": "builtin", "endpoint": "builtin:echo"}
+    ])
+}
+
+/// The platform's objects equal the chart's for the same inputs (release `agentplane`),
+/// apart from labels and annotations (Helm's bookkeeping, and the checksum's algorithm).
+#[test]
+fn platform_objects_match_the_helm_chart() {
+    let home = tempfile::tempdir().unwrap();
+    let values = home.path().join("values.yaml");
+    let ns = "agentplane-parity";
+    let vals = json!({
+        "image": {"repository": "example.com/agentplane", "tag": "1.2.3"},
+        "aws": {"region": "eu-west-1"},
+        "queue": {"url": "https://sqs.eu-west-1.amazonaws.com/1/tasks", "deadLetterUrl": "https://sqs.eu-west-1.amazonaws.com/1/tasks-dlq",
+                  "visibilityTimeoutSeconds": 120, "maxReceiveCount": 3, "fifo": true},
+        "kms": {"keyArn": "arn:aws:kms:eu-west-1:1:key/k"},
+        "models": {"tiers": tiers()},
+        "operator": {"replicas": 3, "concurrency": 8},
+        "worker": {"replicas": 4, "concurrency": 6, "secretNames": ["openai-api-key"],
+                   "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/worker"}}},
+        "gateway": {"replicas": 1, "credentialsSecret": "gw-creds", "service": {"type": "LoadBalancer", "port": 8443}},
+    });
+    std::fs::write(&values, serde_yaml::to_string(&vals).unwrap()).unwrap();
+    let out = agentplane_testsupport::peer_command("helm")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .args(["template", "agentplane"])
+        .arg(agentplane_testsupport::repo_root().join("charts/agentplane"))
+        .args(["--namespace", ns, "--values"])
+        .arg(&values)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chart = parse_stream(&String::from_utf8_lossy(&out.stdout));
+
+    let spec = PlatformSpec {
+        namespace: ns.into(),
+        create_namespace: false,
+        image: "example.com/agentplane:1.2.3".into(),
+        image_pull_policy: "IfNotPresent".into(),
+        queue_url: "https://sqs.eu-west-1.amazonaws.com/1/tasks".into(),
+        dlq_url: "https://sqs.eu-west-1.amazonaws.com/1/tasks-dlq".into(),
+        queue_fifo: true,
+        visibility_timeout_seconds: 120,
+        max_receive_count: 3,
+        region: Some("eu-west-1".into()),
+        aws_endpoint_url: None,
+        kms_key_arn: Some("arn:aws:kms:eu-west-1:1:key/k".into()),
+        model_tiers: serde_json::from_value(tiers()).unwrap(),
+        log_level: "info".into(),
+        log_format: "json".into(),
+        operator_replicas: 3,
+        operator_concurrency: 8,
+        worker_replicas: Some(4),
+        worker_concurrency: 6,
+        worker_secret_names: vec!["openai-api-key".into()],
+        gateway_enabled: true,
+        gateway_replicas: 1,
+        gateway_port: 8443,
+        gateway_service_type: "LoadBalancer".into(),
+        gateway_service_port: 8443,
+        gateway_tls_secret_name: "agentplane-gateway-tls".into(),
+        gateway_credentials_secret: Some("gw-creds".into()),
+        service_account_annotations: BTreeMap::from([(
+            "worker".to_string(),
+            BTreeMap::from([(
+                "eks.amazonaws.com/role-arn".to_string(),
+                "arn:aws:iam::1:role/worker".to_string(),
+            )]),
+        )]),
+    };
+    let ours = pm::manifests(&spec);
+
+    let key = |o: &Json| {
+        format!(
+            "{} {}",
+            o["kind"].as_str().unwrap(),
+            o["metadata"]["name"].as_str().unwrap()
+        )
+    };
+    let chart_keys: Vec<String> = {
+        let mut k: Vec<String> = chart.iter().map(key).collect();
+        k.sort();
+        k
+    };
+    let our_keys: Vec<String> = {
+        let mut k: Vec<String> = ours.iter().map(key).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(our_keys, chart_keys, "the same objects");
+
+    for theirs in &chart {
+        let mine = ours.iter().find(|o| key(o) == key(theirs)).unwrap();
+        let k = key(theirs);
+        if theirs["kind"] == "ServiceAccount" {
+            assert_eq!(
+                mine["metadata"]["annotations"], theirs["metadata"]["annotations"],
+                "{k}: annotations"
+            );
+        }
+        if theirs["kind"] == "Deployment" {
+            let ann = |o: &Json| {
+                o.pointer("/spec/template/metadata/annotations/checksum~1models")
+                    .is_some()
+            };
+            assert_eq!(ann(mine), ann(theirs), "{k}: checksum annotation");
+        }
+        let (mine, theirs) = (normalize(mine), normalize(theirs));
+        if k.starts_with("ConfigMap") {
+            let tiers = |o: &Json| -> Vec<agentplane_api::policy::ModelTier> {
+                #[derive(serde::Deserialize)]
+                struct T {
+                    tiers: Vec<agentplane_api::policy::ModelTier>,
+                }
+                let t: T = serde_yaml::from_str(o["data"]["tiers.yaml"].as_str().unwrap()).unwrap();
+                t.tiers
+            };
+            assert_eq!(tiers(&mine), tiers(&theirs), "{k}: model tiers");
+            assert_eq!(tiers(&mine).len(), 2);
+            continue;
+        }
+        assert_eq!(
+            mine,
+            theirs,
+            "{k} differs from the chart:\nours:  {}\nchart: {}",
+            serde_json::to_string_pretty(&mine).unwrap(),
+            serde_json::to_string_pretty(&theirs).unwrap()
+        );
+    }
+}
+
+fn normalize(o: &Json) -> Json {
+    let mut o = o.clone();
+    // We write the `apiVersion: v1` the server defaults in a fieldRef (see field_env); the
+    // chart leaves it to the default. Both store the same object.
+    if let Some(cs) = o
+        .pointer_mut("/spec/template/spec/containers")
+        .and_then(Json::as_array_mut)
+    {
+        for e in cs
+            .iter_mut()
+            .filter_map(|c| c["env"].as_array_mut())
+            .flatten()
+        {
+            if let Some(f) = e
+                .pointer_mut("/valueFrom/fieldRef")
+                .and_then(Json::as_object_mut)
+            {
+                f.entry("apiVersion").or_insert(json!("v1"));
+            }
+        }
+    }
+    for p in ["/metadata", "/spec/template/metadata"] {
+        if let Some(m) = o.pointer_mut(p).and_then(Json::as_object_mut) {
+            m.remove("labels");
+            m.remove("annotations");
+        }
+    }
+    o
+}
+
+fn platform_config(ns: &str) -> Json {
+    json!({
+        "namespace": ns,
+        "image": "example.com/agentplane:1.0.0",
+        "queue_url": "http://127.0.0.1:5000/123456789012/tasks",
+        "dlq_url": "http://127.0.0.1:5000/123456789012/tasks-dlq",
+        "region": TEST_REGION,
+        "kms_key_arn": "arn:aws:kms:us-east-1:123456789012:key/test",
+        "operator_replicas": 1,
+        "worker_secret_names": ["openai-api-key"],
+        "model_tier": [
+            {"name": "dev", "endpoint_kind": "builtin", "endpoint": "builtin:echo"}
+        ],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_applies_strictly_detects_drift_and_reports_conflicts() {
+    let stack = stack();
+    let client = stack.kube_client().await.unwrap();
+    let data = provider_data(kube_settings(stack));
+    let ns = unique("plat");
+
+    let planned = plan_create(&Platform, platform_config(&ns));
+    let state = Platform
+        .create(&data, &planned)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(state.get("crds_established"), &Value::Bool(true));
+    assert_eq!(state.get("drift"), &Value::List(vec![]));
+    assert_eq!(state, planned, "apply result equals the plan");
+
+    // Read right after apply gives the applied state back: an empty second plan.
+    let read = Platform.read(&data, &state).await.unwrap().unwrap();
+    assert_eq!(read, state);
+
+    // The CRDs are served, the Deployments exist, written by our field manager with the env
+    // contract, and the worker's replica count is left to an autoscaler.
+    for c in ["operator", "worker", "gateway"] {
+        let d = get(
+            &client,
+            "apps/v1",
+            "Deployment",
+            &ns,
+            &format!("agentplane-{c}"),
+        )
+        .await
+        .unwrap_or_else(|| panic!("{c} Deployment missing"));
+        let managers: Vec<&str> = d["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["manager"].as_str().unwrap())
+            .collect();
+        assert_eq!(managers, vec![FIELD_MANAGER], "{c}");
+        if c == "worker" {
+            let env: BTreeMap<&str, &str> = d["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+                .collect();
+            assert_eq!(
+                env["AGENTPLANE_QUEUE_URL"],
+                "http://127.0.0.1:5000/123456789012/tasks"
+            );
+            assert_eq!(
+                env["AGENTPLANE_DLQ_URL"],
+                "http://127.0.0.1:5000/123456789012/tasks-dlq"
+            );
+            assert_eq!(env["AWS_REGION"], TEST_REGION);
+            assert_eq!(
+                env["AGENTPLANE_KMS_KEY_ID"],
+                "arn:aws:kms:us-east-1:123456789012:key/test"
+            );
+            assert_eq!(env["AGENTPLANE_MODEL_TIERS_FILE"], pm::TIERS_FILE);
+            assert!(
+                !terraform_provider_agentplane::kube::owns_field(&d, &["spec", "replicas"]),
+                "worker replicas must not be ours when worker_replicas is unset"
+            );
+        }
+    }
+    for crd in pm::crds() {
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        let got = api(
+            &client,
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            None,
+        )
+        .get(name)
+        .await
+        .unwrap();
+        assert!(terraform_provider_agentplane::kube::crd_established(
+            &serde_json::to_value(got).unwrap()
+        ));
+    }
+
+    // Every object passes a strict server-side dry run (unknown fields are errors), and the
+    // check itself can fail: a Deployment with an unknown field is refused.
+    let spec = terraform_provider_agentplane::resources::platform::spec_from_value(&state).unwrap();
+    let manifests = pm::manifests(&spec);
+    for m in &manifests {
+        strict_dry_run(&client, m)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", m["metadata"]["name"]));
+    }
+    let mut bad = manifests
+        .iter()
+        .find(|m| m["kind"] == "Deployment")
+        .unwrap()
+        .clone();
+    bad["spec"]["template"]["spec"]["containers"][0]["bogusField"] = json!(1);
+    let err = strict_dry_run(&client, &bad).await.unwrap_err();
+    assert!(err.to_string().contains("bogusField"), "{err}");
+
+    // Out-of-band delete of one object: drift lists it, the plan re-applies it.
+    api(&client, "apps/v1", "Deployment", Some(&ns))
+        .delete("agentplane-worker", &Default::default())
+        .await
+        .unwrap();
+    let read = Platform.read(&data, &state).await.unwrap().unwrap();
+    let drift = terraform_provider_agentplane::kube::strings(read.get("drift"));
+    assert_eq!(
+        drift,
+        vec![format!(
+            "Deployment {ns}/agentplane-worker: deleted outside Terraform"
+        )]
+    );
+    let mut planned = read.clone();
+    Platform.modify_plan(&read, &mut planned, &read, &mut Diagnostics::new());
+    assert_ne!(planned, read, "drift must plan an update");
+    let state = Platform
+        .update(&data, &read, &planned)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(Platform.read(&data, &state).await.unwrap().unwrap(), state);
+
+    // A field we do not map to an input (a Role rule) edited by someone else: drift names it.
+    let mut role = manifests
+        .iter()
+        .find(|m| m["kind"] == "Role" && m["metadata"]["name"] == "agentplane-worker")
+        .unwrap()
+        .clone();
+    role["rules"][0]["verbs"] = json!(["get", "list", "watch", "delete"]);
+    intrude(&client, "kubectl-edit", &role).await;
+    let read = Platform.read(&data, &state).await.unwrap().unwrap();
+    let drift = terraform_provider_agentplane::kube::strings(read.get("drift"));
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert!(
+        drift[0].contains("Role")
+            && drift[0].contains(".rules")
+            && drift[0].contains("kubectl-edit"),
+        "{drift:?}"
+    );
+
+    // Updating now conflicts (someone else owns a field we set): reported with the field and
+    // the manager, nothing overwritten; `force = true` takes it back.
+    let mut planned = read.clone();
+    Platform.modify_plan(&read, &mut planned, &read, &mut Diagnostics::new());
+    let d = Platform.update(&data, &read, &planned).await.unwrap_err();
+    let text = d.to_string();
+    assert!(
+        text.contains(&format!("agentplane_platform \"{ns}\"")),
+        "{text}"
+    );
+    assert!(
+        text.contains(".rules") && text.contains("\"kubectl-edit\""),
+        "{text}"
+    );
+    let live = get(
+        &client,
+        "rbac.authorization.k8s.io/v1",
+        "Role",
+        &ns,
+        "agentplane-worker",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        live["rules"][0]["verbs"],
+        json!(["get", "list", "watch", "delete"])
+    );
+    planned.set("force", Value::Bool(true));
+    let state = Platform
+        .update(&data, &read, &planned)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    let live = get(
+        &client,
+        "rbac.authorization.k8s.io/v1",
+        "Role",
+        &ns,
+        "agentplane-worker",
+    )
+    .await
+    .unwrap();
+    assert_eq!(live["rules"][0]["verbs"], json!(["get", "list", "watch"]));
+    assert_eq!(Platform.read(&data, &state).await.unwrap().unwrap(), state);
+
+    // An input changed out of band shows as that input's diff.
+    let mut op = manifests
+        .iter()
+        .find(|m| m["kind"] == "Deployment" && m["metadata"]["name"] == "agentplane-operator")
+        .unwrap()
+        .clone();
+    op["spec"]["replicas"] = json!(5);
+    intrude(&client, "hpa-like", &json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "agentplane-operator", "namespace": ns},
+        "spec": {"replicas": 5, "selector": op["spec"]["selector"], "template": op["spec"]["template"]},
+    }))
+    .await;
+    let read = Platform.read(&data, &state).await.unwrap().unwrap();
+    assert_eq!(read.get("operator_replicas"), &Value::int(5));
+
+    // Import by namespace reads every input back.
+    let imported = Platform.import_state(&ns).unwrap();
+    let mut imported = Platform.read(&data, &imported).await.unwrap().unwrap();
+    imported.set("operator_replicas", Value::int(1));
+    let mut expected = state.clone();
+    expected.set("force", Value::Bool(false));
+    assert_eq!(imported, expected);
+
+    // Destroy removes every object it applied (the CRDs stay: delete_crds is false).
+    Platform
+        .delete(&data, &state)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    for m in &manifests {
+        let r = terraform_provider_agentplane::kube::ObjRef::of(m).unwrap();
+        let left = match &r.namespace {
+            Some(ns) => get(&client, &r.ar.api_version, &r.ar.kind, ns, &r.name).await,
+            None => api(&client, &r.ar.api_version, &r.ar.kind, None)
+                .get_opt(&r.name)
+                .await
+                .unwrap()
+                .map(|o| serde_json::to_value(o).unwrap())
+                .filter(|n| !terraform_provider_agentplane::kube::terminating(n)),
+        };
+        assert!(left.is_none(), "{r} left after destroy");
+    }
+    let crd = api(
+        &client,
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        None,
+    )
+    .get_opt("agenttasks.agentplane.dev")
+    .await
+    .unwrap();
+    assert!(crd.is_some(), "CRDs are kept on destroy by default");
+    // The namespace is terminating (no namespace controller here), so the platform reads as gone.
+    assert!(Platform.read(&data, &state).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_object_is_accepted_by_the_real_keda_schema() {
+    let stack = stack();
+    let client = stack.kube_client().await.unwrap();
+    install_keda(&client).await;
+    let data = provider_data(kube_settings(stack));
+    let ns = unique("keda");
+    create_namespace(&client, &ns).await;
+
+    let planned = plan_create(
+        &KedaScaler,
+        json!({
+            "namespace": ns,
+            "queue_url": "https://sqs.us-east-1.amazonaws.com/123456789012/tasks",
+            "aws_region": "us-east-1",
+            "queue_length": 7,
+            "activation_queue_length": 2,
+            "min_replicas": 1,
+            "max_replicas": 20,
+        }),
+    );
+    let state = KedaScaler
+        .create(&data, &planned)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(
+        KedaScaler.read(&data, &state).await.unwrap().unwrap(),
+        state
+    );
+
+    let so = get(
+        &client,
+        "keda.sh/v1alpha1",
+        "ScaledObject",
+        &ns,
+        "agentplane-worker",
+    )
+    .await
+    .unwrap();
+    assert_eq!(so["spec"]["scaleTargetRef"]["name"], "agentplane-worker");
+    assert_eq!(so["spec"]["maxReplicaCount"], 20);
+    let t = &so["spec"]["triggers"][0];
+    assert_eq!(t["type"], "aws-sqs-queue");
+    assert_eq!(t["metadata"]["queueLength"], "7");
+    assert_eq!(t["metadata"]["activationQueueLength"], "2");
+    assert_eq!(t["authenticationRef"]["name"], "agentplane-sqs");
+    let ta = get(
+        &client,
+        "keda.sh/v1alpha1",
+        "TriggerAuthentication",
+        &ns,
+        "agentplane-sqs",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ta["spec"]["podIdentity"],
+        json!({"provider": "aws", "identityOwner": "workload"})
+    );
+
+    // The schema is the real one: what it does not know is refused under strict validation,
+    // and what it forbids (an identityOwner outside its enum) is refused outright.
+    let mut bad = so.clone();
+    for k in [
+        "managedFields",
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "generation",
+    ] {
+        bad["metadata"].as_object_mut().unwrap().remove(k);
+    }
+    bad.as_object_mut().unwrap().remove("status");
+    bad["spec"]["triggers"][0]["bogusField"] = json!("x");
+    let err = strict_dry_run(&client, &bad).await.unwrap_err();
+    assert!(err.to_string().contains("bogusField"), "{err}");
+    let bad_ta = json!({"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
+        "metadata": {"name": "agentplane-sqs", "namespace": ns},
+        "spec": {"podIdentity": {"provider": "aws", "identityOwner": "pod"}}});
+    let err = strict_dry_run(&client, &bad_ta).await.unwrap_err();
+    assert!(err.to_string().contains("identityOwner"), "{err}");
+
+    // A role ARN instead of an identity owner, in place.
+    let mut planned2 = state.clone();
+    planned2.set(
+        "role_arn",
+        Value::string("arn:aws:iam::123456789012:role/keda-sqs"),
+    );
+    let state2 = KedaScaler
+        .update(&data, &state, &planned2)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    let ta = get(
+        &client,
+        "keda.sh/v1alpha1",
+        "TriggerAuthentication",
+        &ns,
+        "agentplane-sqs",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ta["spec"]["podIdentity"],
+        json!({"provider": "aws", "roleArn": "arn:aws:iam::123456789012:role/keda-sqs"})
+    );
+    assert_eq!(
+        KedaScaler.read(&data, &state2).await.unwrap().unwrap(),
+        state2
+    );
+
+    // Deleting the TriggerAuthentication out of band makes the resource gone (recreate both).
+    api(
+        &client,
+        "keda.sh/v1alpha1",
+        "TriggerAuthentication",
+        Some(&ns),
+    )
+    .delete("agentplane-sqs", &Default::default())
+    .await
+    .unwrap();
+    assert!(KedaScaler.read(&data, &state2).await.unwrap().is_none());
+    KedaScaler
+        .delete(&data, &state2)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    assert!(
+        get(
+            &client,
+            "keda.sh/v1alpha1",
+            "ScaledObject",
+            &ns,
+            "agentplane-worker"
+        )
+        .await
+        .is_none()
+    );
+}
+
+async fn agentplane_crds(client: &kube::Client) {
+    agentplane_testsupport::apply_crds(client, &pm::crds(), TEST_MANAGER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn device_config(ns: &str, name: &str, owner: &str) -> Json {
+    json!({
+        "namespace": ns,
+        "name": name,
+        "owner": owner,
+        "public_key": [{"id": "k1", "key": KEY1, "not_after": "2030-01-01T00:00:00Z"}],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_owned_by_another_manager_is_a_conflict_unless_forced() {
+    let stack = stack();
+    let client = stack.kube_client().await.unwrap();
+    agentplane_crds(&client).await;
+    let data = provider_data(kube_settings(stack));
+    let ns = unique("conflict");
+    create_namespace(&client, &ns).await;
+
+    // The gateway registered this device (join token) with owner alice.
+    intrude(&client, "agentplane-gateway", &json!({
+        "apiVersion": "agentplane.dev/v1alpha1", "kind": "EdgeDevice",
+        "metadata": {"name": "laptop", "namespace": ns},
+        "spec": {"owner": "alice", "publicKeys": [{"id": "k1", "alg": "ed25519", "key": KEY1, "notAfter": "2030-01-01T00:00:00Z"}]},
+    }))
+    .await;
+
+    let planned = plan_create(&EdgeDevice, device_config(&ns, "laptop", "bob"));
+    let d = EdgeDevice.create(&data, &planned).await.unwrap_err();
+    let text = d.to_string();
+    assert!(
+        text.contains("Field manager conflict on agentplane_edge_device \"laptop\""),
+        "{text}"
+    );
+    assert!(text.contains(".spec.owner"), "{text}");
+    assert!(text.contains("\"agentplane-gateway\""), "{text}");
+    assert!(
+        !text.contains(".spec.publicKeys"),
+        "equal values are shared, not conflicts: {text}"
+    );
+    let live = get(
+        &client,
+        "agentplane.dev/v1alpha1",
+        "EdgeDevice",
+        &ns,
+        "laptop",
+    )
+    .await
+    .unwrap();
+    assert_eq!(live["spec"]["owner"], "alice", "nothing was overwritten");
+
+    let mut forced = planned.clone();
+    forced.set("force", Value::Bool(true));
+    let state = EdgeDevice
+        .create(&data, &forced)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    let live = get(
+        &client,
+        "agentplane.dev/v1alpha1",
+        "EdgeDevice",
+        &ns,
+        "laptop",
+    )
+    .await
+    .unwrap();
+    assert_eq!(live["spec"]["owner"], "bob");
+    assert!(terraform_provider_agentplane::kube::owns_field(
+        &live,
+        &["spec", "owner"]
+    ));
+    assert_eq!(
+        EdgeDevice.read(&data, &state).await.unwrap().unwrap(),
+        state
+    );
+
+    // Same for a policy: someone flips the kill switch with their own manager.
+    let planned = plan_create(&AgentPolicy, json!({"namespace": ns, "suspend": false}));
+    let state = AgentPolicy
+        .create(&data, &planned)
+        .await
+        .unwrap_or_else(|d| panic!("{d}"));
+    intrude(
+        &client,
+        "ops-console",
+        &json!({
+            "apiVersion": "agentplane.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "default", "namespace": ns}, "spec": {"suspend": true},
+        }),
+    )
+    .await;
+    let read = AgentPolicy.read(&data, &state).await.unwrap().unwrap();
+    assert_eq!(
+        read.get("suspend"),
+        &Value::Bool(true),
+        "drift shows on the attribute"
+    );
+    let d = AgentPolicy.update(&data, &read, &state).await.unwrap_err();
+    assert!(
+        d.to_string().contains(".spec.suspend") && d.to_string().contains("\"ops-console\""),
+        "{d}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_api_is_reported_with_resource_and_endpoint() {
+    let stack = stack();
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut settings = kube_settings(stack);
+    settings.host = Some(format!("https://127.0.0.1:{port}"));
+    let data = provider_data(settings);
+    let planned = plan_create(&EdgeDevice, device_config("team-a", "tablet", "alice"));
+    for d in [
+        EdgeDevice.create(&data, &planned).await.unwrap_err(),
+        EdgeDevice.read(&data, &planned).await.unwrap_err(),
+    ] {
+        let e = &d.0[0];
+        assert_eq!(
+            e.summary,
+            "Cannot reach the Kubernetes API for agentplane_edge_device \"tablet\""
+        );
+        assert!(
+            e.detail.contains(&format!("https://127.0.0.1:{port}")),
+            "{}",
+            e.detail
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_token_is_reported_with_resource_and_endpoint() {
+    let stack = stack();
+    let mut settings = kube_settings(stack);
+    settings.token = Some("not-the-token".into());
+    let server = settings.host.clone().unwrap();
+    let data = provider_data(settings);
+    let planned = plan_create(&AgentPolicy, json!({"namespace": "team-a"}));
+    let d = AgentPolicy.create(&data, &planned).await.unwrap_err();
+    let e = &d.0[0];
+    assert_eq!(
+        e.summary,
+        "Kubernetes API rejected the credentials for agentplane_agent_policy \"default\""
+    );
+    assert!(
+        e.detail.contains(&server) && e.detail.contains("401"),
+        "{}",
+        e.detail
+    );
+    let d = Platform
+        .read(&data, &Platform.import_state("team-a").unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        d.0[0].summary.contains("agentplane_platform \"team-a\""),
+        "{d}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenTofu / Terraform
+// ---------------------------------------------------------------------------------------------
+
+/// The knobs the lifecycle turns.
+#[derive(Clone)]
+struct Knobs {
+    tag: &'static str,
+    max_replicas: i64,
+    revoked: bool,
+    second_key: bool,
+    suspend: bool,
+    device: String,
+    policy: String,
+    policy_force: bool,
+}
+
+struct Workspace {
+    client: &'static str,
+    protocol: u32,
+    dir: tempfile::TempDir,
+    stack: &'static Stack,
+    ns: String,
+}
+
+impl Workspace {
+    fn new(client: &'static str, protocol: u32) -> Workspace {
+        let stack = stack();
+        agentplane_testsupport::peer_path(client).unwrap_or_else(|e| panic!("{client}: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("agentplane-kube-{client}-{protocol}."))
+            .tempdir()
+            .unwrap();
+        write_mirror(dir.path());
+        let ns = unique(&format!("tf-{client}-p{protocol}"));
+        Workspace {
+            client,
+            protocol,
+            dir,
+            stack,
+            ns,
+        }
+    }
+
+    fn provider_block(&self, kube_host: &str) -> String {
+        let ep = self.stack.aws_endpoint();
+        let token = env(self.stack, "AGENTPLANE_KUBE_TOKEN");
+        let ca = env(self.stack, "AGENTPLANE_KUBE_CA");
+        format!(
+            r#"terraform {{
+  required_providers {{
+    agentplane = {{ source = "registry.terraform.io/agentplane/agentplane" }}
+  }}
+}}
+
+provider "agentplane" {{
+  region     = "{TEST_REGION}"
+  access_key = "{TEST_ACCESS_KEY_ID}"
+  secret_key = "{TEST_SECRET_ACCESS_KEY}"
+  endpoints {{
+    sqs = "{ep}"
+    kms = "{ep}"
+  }}
+  kubernetes {{
+    host                   = "{kube_host}"
+    token                  = "{token}"
+    cluster_ca_certificate = file("{ca}")
+  }}
+}}
+"#
+        )
+    }
+
+    fn config(&self, k: &Knobs) {
+        let server = env(self.stack, "AGENTPLANE_KUBE_SERVER");
+        let ns = &self.ns;
+        let key2 = if k.second_key {
+            format!("  public_key {{\n    id  = \"k2\"\n    key = \"{KEY2}\"\n  }}\n")
+        } else {
+            String::new()
+        };
+        let tf = format!(
+            r#"{provider}
+resource "agentplane_platform" "p" {{
+  namespace         = "{ns}"
+  image             = "example.com/agentplane:{tag}"
+  queue_url         = "http://127.0.0.1:5000/123456789012/{ns}-tasks"
+  dlq_url           = "http://127.0.0.1:5000/123456789012/{ns}-tasks-dlq"
+  region            = "{TEST_REGION}"
+  kms_key_arn       = "arn:aws:kms:us-east-1:123456789012:key/test"
+  operator_replicas = 1
+  worker_secret_names = ["openai-api-key"]
+  worker_service_account_annotations = {{
+    "eks.amazonaws.com/role-arn" = "arn:aws:iam::123456789012:role/worker"
+  }}
+
+  model_tier {{
+    name                       = "large"
+    endpoint_kind              = "openai"
+    endpoint                   = "https://api.openai.com/v1"
+    model                      = "gpt-4.1"
+    price_per_1k_input_micros  = 2000
+    price_per_1k_output_micros = 8000
+    privacy_levels             = ["public"]
+    secret_ref {{
+      name = "openai-api-key"
+      key  = "token"
+    }}
+  }}
+  model_tier {{
+    name          = "dev"
+    endpoint_kind = "builtin"
+    endpoint      = "builtin:echo"
+  }}
+}}
+
+resource "agentplane_keda_scaler" "s" {{
+  namespace    = agentplane_platform.p.namespace
+  queue_url    = agentplane_platform.p.queue_url
+  aws_region   = "{TEST_REGION}"
+  max_replicas = {max}
+}}
+
+resource "agentplane_edge_device" "d" {{
+  namespace       = agentplane_platform.p.namespace
+  name            = "{device}"
+  owner           = "alice"
+  allowed_intents = ["summarize"]
+  revoked         = {revoked}
+  public_key {{
+    id        = "k1"
+    key       = "{KEY1}"
+    not_after = "2030-01-01T00:00:00Z"
+  }}
+{key2}}}
+
+resource "agentplane_agent_policy" "pol" {{
+  namespace = agentplane_platform.p.namespace
+  name      = "{policy}"
+  suspend   = {suspend}
+  force     = {force}
+  approvers = ["alice"]
+  intent {{
+    type = "summarize"
+    rate_limit {{
+      scope          = "device"
+      requests       = 10
+      period_seconds = 60
+    }}
+  }}
+  intent {{
+    type              = "deploy"
+    requires_approval = true
+    privacy_levels    = ["private"]
+    on_rate_limit     = "Hold"
+  }}
+  model {{
+    name          = "dev"
+    endpoint_kind = "builtin"
+    endpoint      = "builtin:echo"
+  }}
+  budget {{
+    scope        = "user"
+    limit_micros = 5000000
+    period       = "Day"
+  }}
+}}
+
+output "gateway_service" {{ value = agentplane_platform.p.gateway_service }}
+output "object_count" {{ value = length(agentplane_platform.p.objects) }}
+"#,
+            provider = self.provider_block(&server),
+            tag = k.tag,
+            max = k.max_replicas,
+            device = k.device,
+            revoked = k.revoked,
+            policy = k.policy,
+            suspend = k.suspend,
+            force = k.policy_force,
+        );
+        std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_client(
+            self.client,
+            self.protocol,
+            self.stack,
+            self.dir.path(),
+            args,
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{} {args:?} failed ({}):\n{stdout}\n{}",
+            self.client,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    fn plan(&self) -> (i32, String) {
+        let out = self.run(&["plan", "-no-color", "-input=false", "-detailed-exitcode"]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || code == 2,
+            "plan failed ({code}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (code, stdout)
+    }
+
+    fn assert_empty_plan(&self, after: &str) {
+        let (code, out) = self.plan();
+        assert_eq!(code, 0, "plan after {after} is not empty:\n{out}");
+    }
+
+    fn apply(&self) -> String {
+        self.ok(&["apply", "-no-color", "-input=false", "-auto-approve"])
+    }
+
+    fn output(&self, name: &str) -> String {
+        self.ok(&["output", "-raw", name])
+    }
+}
+
+/// The provider, installed as users install it: an unpacked filesystem mirror (see e2e.rs).
+fn write_mirror(dir: &Path) {
+    let version = env!("CARGO_PKG_VERSION");
+    let mirror = dir.join("mirror");
+    let pkg = mirror.join(format!(
+        "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
+    ));
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::os::unix::fs::symlink(
+        BIN,
+        pkg.join(format!("terraform-provider-agentplane_v{version}")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cli.tfrc"),
+        format!(
+            "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
+            mirror.display()
+        ),
+    )
+    .unwrap();
+}
+
+fn run_client(client: &str, protocol: u32, stack: &Stack, dir: &Path, args: &[&str]) -> Output {
+    let mut cmd: Command = stack.command(client).unwrap();
+    cmd.current_dir(dir)
+        .args(args)
+        .env("TF_CLI_CONFIG_FILE", dir.join("cli.tfrc"))
+        .env("TF_IN_AUTOMATION", "1")
+        .env("CHECKPOINT_DISABLE", "1")
+        .env("TF_LOG_PROVIDER", "INFO")
+        .env("TF_LOG_PATH", dir.join("client.log"))
+        .env("HOME", dir);
+    if protocol == 5 {
+        cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {client} {args:?}: {e}"))
+}
+
+fn lifecycle(client: &'static str, protocol: u32) {
+    let ws = Workspace::new(client, protocol);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kc = rt.block_on(async {
+        let c = ws.stack.kube_client().await.unwrap();
+        install_keda(&c).await;
+        c
+    });
+    let ns = ws.ns.clone();
+    let mut k = Knobs {
+        tag: "1.0.0",
+        max_replicas: 10,
+        revoked: false,
+        second_key: false,
+        suspend: false,
+        device: "laptop-1".into(),
+        policy: "default".into(),
+        policy_force: false,
+    };
+    ws.config(&k);
+    ws.ok(&["init", "-no-color", "-input=false"]);
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(plan.contains("4 to add"), "{plan}");
+    ws.apply();
+    ws.assert_empty_plan("apply");
+
+    // The negotiated protocol is the one asked for.
+    let log = std::fs::read_to_string(ws.dir.path().join("client.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("protocol={protocol}")),
+        "provider log does not show protocol {protocol}"
+    );
+
+    assert_eq!(
+        ws.output("gateway_service"),
+        format!("https://agentplane-gateway.{ns}.svc:443")
+    );
+    let (dev, pol, so) = rt.block_on(async {
+        (
+            get(
+                &kc,
+                "agentplane.dev/v1alpha1",
+                "EdgeDevice",
+                &ns,
+                "laptop-1",
+            )
+            .await
+            .unwrap(),
+            get(
+                &kc,
+                "agentplane.dev/v1alpha1",
+                "AgentPolicy",
+                &ns,
+                "default",
+            )
+            .await
+            .unwrap(),
+            get(
+                &kc,
+                "keda.sh/v1alpha1",
+                "ScaledObject",
+                &ns,
+                "agentplane-worker",
+            )
+            .await
+            .unwrap(),
+        )
+    });
+    assert_eq!(dev["spec"]["publicKeys"][0]["key"], KEY1);
+    assert_eq!(dev["spec"]["allowedIntents"], json!(["summarize"]));
+    assert_eq!(pol["spec"]["intents"][1]["requiresApproval"], true);
+    assert_eq!(pol["spec"]["budgets"][0]["limitMicros"], 5_000_000);
+    assert_eq!(
+        so["spec"]["triggers"][0]["metadata"]["queueURL"],
+        format!("http://127.0.0.1:5000/123456789012/{ns}-tasks")
+    );
+    for o in [&dev, &pol, &so] {
+        assert_eq!(o["metadata"]["managedFields"][0]["manager"], FIELD_MANAGER);
+        assert_eq!(o["metadata"]["managedFields"][0]["operation"], "Apply");
+    }
+
+    // In place: a new image, scaler bounds, revocation plus a second key, the kill switch.
+    k.tag = "1.1.0";
+    k.max_replicas = 20;
+    k.revoked = true;
+    k.second_key = true;
+    k.suspend = true;
+    ws.config(&k);
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains("0 to add, 4 to change, 0 to destroy"),
+        "{plan}"
+    );
+    ws.apply();
+    ws.assert_empty_plan("in-place update");
+    rt.block_on(async {
+        let d = get(
+            &kc,
+            "agentplane.dev/v1alpha1",
+            "EdgeDevice",
+            &ns,
+            "laptop-1",
+        )
+        .await
+        .unwrap();
+        assert_eq!(d["spec"]["revoked"], true);
+        assert_eq!(d["spec"]["publicKeys"].as_array().unwrap().len(), 2);
+        let w = get(&kc, "apps/v1", "Deployment", &ns, "agentplane-worker")
+            .await
+            .unwrap();
+        assert_eq!(
+            w["spec"]["template"]["spec"]["containers"][0]["image"],
+            "example.com/agentplane:1.1.0"
+        );
+    });
+
+    // ForceNew: renaming the device and the policy replaces them.
+    k.device = "laptop-2".into();
+    k.policy = "strict".into();
+    ws.config(&k);
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains("agentplane_edge_device.d must be replaced"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("agentplane_agent_policy.pol must be replaced"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("2 to add, 0 to change, 2 to destroy"),
+        "{plan}"
+    );
+    ws.apply();
+    ws.assert_empty_plan("replacement");
+    rt.block_on(async {
+        assert!(
+            get(
+                &kc,
+                "agentplane.dev/v1alpha1",
+                "EdgeDevice",
+                &ns,
+                "laptop-1"
+            )
+            .await
+            .is_none()
+        );
+        assert!(
+            get(
+                &kc,
+                "agentplane.dev/v1alpha1",
+                "AgentPolicy",
+                &ns,
+                "default"
+            )
+            .await
+            .is_none()
+        );
+    });
+
+    // Import every resource back after forgetting it.
+    for (addr, id) in [
+        ("agentplane_platform.p", ns.clone()),
+        (
+            "agentplane_keda_scaler.s",
+            format!("{ns}/agentplane-worker"),
+        ),
+        ("agentplane_edge_device.d", format!("{ns}/laptop-2")),
+        ("agentplane_agent_policy.pol", format!("{ns}/strict")),
+    ] {
+        ws.ok(&["state", "rm", "-no-color", addr]);
+        ws.ok(&["import", "-no-color", "-input=false", addr, &id]);
+    }
+    ws.assert_empty_plan("import");
+
+    // Out-of-band deletes: the device, policy and scaler plan as created; a deleted Deployment
+    // plans as an in-place update of the platform that names it.
+    rt.block_on(async {
+        for (av, kind, name) in [
+            ("agentplane.dev/v1alpha1", "EdgeDevice", "laptop-2"),
+            ("agentplane.dev/v1alpha1", "AgentPolicy", "strict"),
+            ("keda.sh/v1alpha1", "ScaledObject", "agentplane-worker"),
+            ("apps/v1", "Deployment", "agentplane-gateway"),
+        ] {
+            api(&kc, av, kind, Some(&ns))
+                .delete(name, &Default::default())
+                .await
+                .unwrap();
+        }
+    });
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    for r in [
+        "agentplane_edge_device.d",
+        "agentplane_agent_policy.pol",
+        "agentplane_keda_scaler.s",
+    ] {
+        assert!(plan.contains(&format!("{r} will be created")), "{plan}");
+    }
+    assert!(
+        plan.contains("agentplane_platform.p will be updated in-place"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!(
+            "Deployment {ns}/agentplane-gateway: deleted outside Terraform"
+        )),
+        "{plan}"
+    );
+    ws.apply();
+    ws.assert_empty_plan("recreate");
+
+    // Someone else takes the kill switch with their own field manager: the plan puts it back,
+    // the apply refuses to overwrite silently, and `force = true` takes it over.
+    rt.block_on(intrude(
+        &kc,
+        "ops-console",
+        &json!({
+            "apiVersion": "agentplane.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "strict", "namespace": ns}, "spec": {"suspend": false},
+        }),
+    ));
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains("suspend") && plan.contains("false -> true"),
+        "{plan}"
+    );
+    let out = ws.run(&["apply", "-no-color", "-input=false", "-auto-approve"]);
+    assert!(!out.status.success(), "apply over a conflict must fail");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Field manager conflict on agentplane_agent_policy \"strict\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(".spec.suspend") && text.contains("\"ops-console\""),
+        "{text}"
+    );
+    k.policy_force = true;
+    ws.config(&k);
+    ws.apply();
+    ws.assert_empty_plan("forced apply");
+
+    // Destroy leaves nothing behind (the namespace is terminating: no controller deletes it
+    // here, but every object in it is gone; CRDs stay by default).
+    let out = ws.ok(&["destroy", "-no-color", "-input=false", "-auto-approve"]);
+    assert!(out.contains("4 destroyed"), "{out}");
+    rt.block_on(async {
+        for (av, kind, name) in [
+            ("agentplane.dev/v1alpha1", "EdgeDevice", "laptop-2"),
+            ("agentplane.dev/v1alpha1", "AgentPolicy", "strict"),
+            ("keda.sh/v1alpha1", "ScaledObject", "agentplane-worker"),
+            (
+                "keda.sh/v1alpha1",
+                "TriggerAuthentication",
+                "agentplane-sqs",
+            ),
+            ("apps/v1", "Deployment", "agentplane-operator"),
+            ("apps/v1", "Deployment", "agentplane-worker"),
+            ("apps/v1", "Deployment", "agentplane-gateway"),
+            ("v1", "ConfigMap", "agentplane-models"),
+            ("v1", "Secret", "agentplane-join-tokens"),
+            ("v1", "ServiceAccount", "agentplane-worker"),
+            ("rbac.authorization.k8s.io/v1", "Role", "agentplane-gateway"),
+            ("v1", "Service", "agentplane-gateway"),
+            ("policy/v1", "PodDisruptionBudget", "agentplane-worker"),
+        ] {
+            assert!(
+                get(&kc, av, kind, &ns, name).await.is_none(),
+                "{kind} {name} left after destroy"
+            );
+        }
+        let n = api(&kc, "v1", "Namespace", None).get(&ns).await.unwrap();
+        assert!(terraform_provider_agentplane::kube::terminating(
+            &serde_json::to_value(n).unwrap()
+        ));
+    });
+}
+
+/// A closed port in the provider's `kubernetes` block reaches the user as a diagnostic naming
+/// the resource and the endpoint.
+fn unreachable_through_the_client(client: &'static str, protocol: u32) {
+    let stack = stack();
+    let dir = tempfile::tempdir().unwrap();
+    write_mirror(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ws = Workspace {
+        client,
+        protocol,
+        dir,
+        stack,
+        ns: unique("closed"),
+    };
+    let tf = format!(
+        "{}\nresource \"agentplane_edge_device\" \"d\" {{\n  namespace = \"team-a\"\n  name = \"phone\"\n  owner = \"alice\"\n  public_key {{\n    id = \"k1\"\n    key = \"{KEY1}\"\n  }}\n}}\n",
+        ws.provider_block(&format!("https://127.0.0.1:{port}"))
+    );
+    std::fs::write(ws.dir.path().join("main.tf"), tf).unwrap();
+    ws.ok(&["init", "-no-color", "-input=false"]);
+    let out = ws.run(&["apply", "-no-color", "-input=false", "-auto-approve"]);
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Cannot reach the Kubernetes API for agentplane_edge_device \"phone\""),
+        "{text}"
+    );
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+}
+
+#[test]
+fn tofu_protocol6_lifecycle() {
+    lifecycle("tofu", 6);
+}
+
+#[test]
+fn terraform_protocol5_lifecycle() {
+    lifecycle("terraform", 5);
+}
+
+#[test]
+fn tofu_unreachable_api_diagnostic() {
+    unreachable_through_the_client("tofu", 6);
+}
+
+#[test]
+fn terraform_unreachable_api_diagnostic() {
+    unreachable_through_the_client("terraform", 5);
+}
+
+/// `examples/terraform/local` as a user runs it (kubeconfig access, moto for AWS): the whole
+/// platform is created, the second plan is empty, the outputs the edge installer needs are
+/// there, and destroy leaves nothing behind.
+fn example_local(client: &'static str, protocol: u32) {
+    let stack = stack();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("agentplane-example-{client}."))
+        .tempdir()
+        .unwrap();
+    write_mirror(dir.path());
+    let example = agentplane_testsupport::repo_root().join("examples/terraform/local");
+    for f in std::fs::read_dir(&example).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|x| x == "tf") {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let name = unique(&format!("ex-{client}"));
+    std::fs::write(
+        dir.path().join("terraform.tfvars"),
+        format!(
+            "aws_endpoint = \"{}\"\nkubeconfig = \"{}\"\nname = \"{name}\"\n",
+            stack.aws_endpoint(),
+            stack.kubeconfig_path().display()
+        ),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kc = rt.block_on(async {
+        let c = stack.kube_client().await.unwrap();
+        install_keda(&c).await;
+        c
+    });
+    let ws = Workspace {
+        client,
+        protocol,
+        dir,
+        stack,
+        ns: name.clone(),
+    };
+    ws.ok(&["init", "-no-color", "-input=false"]);
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(plan.contains("6 to add"), "{plan}");
+    ws.apply();
+    ws.assert_empty_plan("applying the example");
+
+    assert_eq!(
+        ws.output("gateway_url"),
+        format!("https://agentplane-gateway.{name}.svc:443")
+    );
+    let howto = ws.output("join_token_instruction");
+    assert!(
+        howto.contains(&format!(
+            "kubectl -n {name} create secret generic {name}-gateway-credentials"
+        )),
+        "{howto}"
+    );
+    assert!(howto.contains("agentplane-edge install"), "{howto}");
+    let queue_url = ws.output("queue_url");
+    rt.block_on(async {
+        let w = get(&kc, "apps/v1", "Deployment", &name, "agentplane-worker")
+            .await
+            .unwrap();
+        let env = w["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+        assert!(
+            env.contains(&queue_url),
+            "worker env lacks the queue URL: {env}"
+        );
+        let so = get(
+            &kc,
+            "keda.sh/v1alpha1",
+            "ScaledObject",
+            &name,
+            "agentplane-worker",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            so["spec"]["triggers"][0]["metadata"]["queueURL"],
+            queue_url.as_str()
+        );
+        assert!(
+            get(
+                &kc,
+                "agentplane.dev/v1alpha1",
+                "EdgeDevice",
+                &name,
+                "demo-device"
+            )
+            .await
+            .is_some()
+        );
+        assert!(
+            get(
+                &kc,
+                "agentplane.dev/v1alpha1",
+                "AgentPolicy",
+                &name,
+                "default"
+            )
+            .await
+            .is_some()
+        );
+    });
+
+    let out = ws.ok(&["destroy", "-no-color", "-input=false", "-auto-approve"]);
+    assert!(out.contains("6 destroyed"), "{out}");
+    rt.block_on(async {
+        let sqs = aws_sdk_sqs::Client::new(&stack.aws_sdk_config().await);
+        let left = sqs
+            .list_queues()
+            .queue_name_prefix(&name)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            left.queue_urls().is_empty(),
+            "queues left: {:?}",
+            left.queue_urls()
+        );
+        for (av, kind, obj) in [
+            ("apps/v1", "Deployment", "agentplane-worker"),
+            ("keda.sh/v1alpha1", "ScaledObject", "agentplane-worker"),
+            ("agentplane.dev/v1alpha1", "EdgeDevice", "demo-device"),
+            ("agentplane.dev/v1alpha1", "AgentPolicy", "default"),
+            ("v1", "ConfigMap", "agentplane-models"),
+        ] {
+            assert!(
+                get(&kc, av, kind, &name, obj).await.is_none(),
+                "{kind} {obj} left after destroy"
+            );
+        }
+    });
+}
+
+#[test]
+fn tofu_applies_the_local_example() {
+    example_local("tofu", 6);
+}
+
+#[test]
+fn terraform_applies_the_local_example() {
+    example_local("terraform", 5);
+}
