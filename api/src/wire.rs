@@ -49,6 +49,56 @@ pub struct EnrollResponse {
     pub last_seq: Option<u64>,
 }
 
+/// `POST /v1/devices/{id}/keys`: key rotation. The device proves it holds a key the gateway already
+/// knows (`signature`, by `signedBy`) and the new one (`proof`), both over [`add_key_message`], so a
+/// captured request cannot be replayed with another key and nobody registers a key they do not hold.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AddKeyRequest {
+    /// The key to add (its `notAfter`, if any, is kept).
+    pub public_key: PublicKey,
+    /// Unix seconds when the device signed; must be within [`READ_AUTH_MAX_SKEW_SECS`] of the gateway.
+    pub ts: i64,
+    /// Id of the registered key that signed `signature`.
+    pub signed_by: String,
+    /// base64 Ed25519 signature by `signedBy` over [`add_key_message`].
+    pub signature: String,
+    /// base64 Ed25519 signature by the new key over [`add_key_message`].
+    pub proof: String,
+    /// Retire the signing key this many seconds from now (its `notAfter`), so envelopes it signed
+    /// while offline still verify for a while. Absent: the old key stays valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_signing_key_after_secs: Option<u64>,
+}
+
+/// Longest grace an old key may be given by [`AddKeyRequest::retire_signing_key_after_secs`].
+pub const MAX_RETIRE_AFTER_SECS: u64 = 30 * 24 * 3600;
+
+/// The bytes both keys sign to add a key: domain tag, device, new key id and key, time, retirement.
+pub fn add_key_message(
+    device_id: &str,
+    key: &PublicKey,
+    ts: i64,
+    retire_after: Option<u64>,
+) -> Vec<u8> {
+    let retire = retire_after.map_or_else(|| "-".to_owned(), |s| s.to_string());
+    format!(
+        "agentplane-add-key-v1\n{device_id}\n{}\n{}\n{ts}\n{retire}",
+        key.id, key.key
+    )
+    .into_bytes()
+}
+
+/// Answer to `POST /v1/devices/{id}/keys` (201 added, 200 already registered).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AddKeyResponse {
+    pub device_id: String,
+    /// Every key id now registered, in order.
+    pub key_ids: Vec<String>,
+    pub already_registered: bool,
+}
+
 /// `202 Accepted` answer to `POST /v1/intents` (the body is an [`crate::Envelope`]).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

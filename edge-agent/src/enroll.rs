@@ -29,6 +29,8 @@ pub enum EnrollError {
     Mismatch { asked: String, got: String },
     #[error("no gateway configured: pass --gateway (or enroll first)")]
     NoGateway,
+    #[error("this device is not enrolled yet: run `agentplane-edge enroll` first")]
+    NotEnrolled,
     #[error(
         "this device already signs intents as {current:?} and {pending} of them are waiting in the outbox; enrolling as {requested:?} would strand them. Enroll as {current:?}, or deliver them first"
     )]
@@ -77,25 +79,31 @@ pub async fn enroll(
     Ok(resp)
 }
 
-/// Stages a new key, registers it, then makes it current. Re-running after a failure reuses the staged key.
+/// Stages a new key, registers it at the gateway (signed by the current key and by the new one),
+/// then makes it current. Re-running after a failure reuses the staged key. The old key stays
+/// registered, so intents it signed that are still in the outbox are delivered; with
+/// `retire_old_after_secs` the gateway sets its `notAfter` that far ahead.
 pub async fn rotate(
     paths: &Paths,
     keys: &dyn KeySource,
-    token: String,
+    retire_old_after_secs: Option<u64>,
 ) -> Result<(String, String), EnrollError> {
-    let mut state = AgentState::load(&paths.state_file)?;
+    let state = AgentState::load(&paths.state_file)?;
+    let gateway = state.gateway.clone().ok_or(EnrollError::NoGateway)?;
+    let device_id = state.device_id.clone().ok_or(EnrollError::NotEnrolled)?;
     let old = keys.load_or_create()?;
     let next = keys.stage_next()?;
-    let opts = EnrollOptions {
-        gateway: None,
-        token,
-        device_id: None,
-        owner: None,
-    };
-    register(&mut state, next.as_ref(), &opts).await?;
-    // Recorded as enrolled before committing: a crash here leaves a staged key the gateway already
-    // knows, and the next `rotate-key` commits it.
-    state.save(&paths.state_file)?;
+    let client = GatewayClient::new(&gateway)?;
+    client
+        .add_key(
+            &device_id,
+            old.as_ref(),
+            next.as_ref(),
+            retire_old_after_secs,
+        )
+        .await?;
+    // Committed only after the gateway registered it: a crash before this leaves a staged key the
+    // gateway already knows, and the next `rotate-key` commits it (adding it again is harmless).
     let new = keys.commit_next()?;
     Ok((old.key_id().to_owned(), new.key_id().to_owned()))
 }

@@ -425,39 +425,61 @@ fn install_into_a_temp_root_enrolls_against_the_real_gateway() {
     gw.terminate();
 }
 
-/// `agentplane dev` does not (yet) accept a second key for an enrolled device; rotation must then stop
-/// with the gateway's error and leave the current key in place (the staged key is reused next time).
-#[test]
-fn rotation_refused_by_the_gateway_keeps_the_current_key() {
+/// Key rotation against the real gateway: `rotate-key` registers the new key (signed by the old
+/// one and by the new one), keeps the old key file as `.prev`, and an intent signed afterwards is
+/// accepted under the new key id; the old key is retired at the gateway when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_registers_the_new_key_and_intents_use_it() {
     let bin = require_agentplane();
     let dir = tempfile::tempdir().unwrap();
     let gw = start_dev(&bin, &dir.path().join("gw"), "127.0.0.1:0", "tok-rot");
     let data = dir.path().join("edge");
     enroll(&data, &gw.addr, "tok-rot", "kiosk-rot");
     let key_before = std::fs::read(data.join("device.key")).unwrap();
-    let out = edge_cli(&data, &["rotate-key", "--token", "tok-rot"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        // The gateway learned to add keys: the rotation must then have completed properly.
-        assert_ne!(std::fs::read(data.join("device.key")).unwrap(), key_before);
-        assert_eq!(
-            std::fs::read(data.join("device.key.prev")).unwrap(),
-            key_before
-        );
-    } else {
-        assert!(
-            err.contains("device_exists") || err.contains("409"),
-            "{err}"
-        );
-        assert_eq!(std::fs::read(data.join("device.key")).unwrap(), key_before);
-        assert!(
-            data.join("device.key.next").exists(),
-            "the staged key is kept for a retry"
-        );
-        // Still works with the old key.
-        let out = edge_cli(&data, &["submit", "--prompt", "after a refused rotation"]);
-        assert!(out.status.success());
-    }
+    let out = edge_cli(&data, &["rotate-key", "--retire-old-after", "3600"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rotated: ed25519-"), "{stdout}");
+    assert_ne!(std::fs::read(data.join("device.key")).unwrap(), key_before);
+    assert_eq!(
+        std::fs::read(data.join("device.key.prev")).unwrap(),
+        key_before
+    );
+    // Rotating again is harmless: a fresh key is staged and registered the same way.
+    let again = edge_cli(&data, &["rotate-key"]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // An intent captured now is signed by the new key and delivered by a running agent.
+    let out = edge_cli(&data, &["submit", "--prompt", "after rotation"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = start_edge(&data, &["--poll-ms", "100"]);
+    let http = reqwest::Client::new();
+    wait_for("the rotated-key intent to succeed", 60, || {
+        let (http, url) = (http.clone(), format!("{}/api/intents", agent.addr));
+        async move {
+            let Ok(resp) = http.get(&url).send().await else {
+                return false;
+            };
+            let list: Value = resp.json().await.unwrap_or(Value::Null);
+            list.as_array()
+                .or_else(|| list["intents"].as_array())
+                .is_some_and(|a| a.iter().any(|e| e["phase"] == "Succeeded"))
+        }
+    })
+    .await;
+    agent.terminate();
     gw.terminate();
 }
 

@@ -38,11 +38,16 @@ pub struct DeviceIdentity {
 
 impl DeviceIdentity {
     pub fn generate(device_id: &str) -> Result<Self, ClientError> {
+        Self::generate_with_key_id(device_id, "k1")
+    }
+
+    /// A fresh key under a chosen key id (a rotated key needs an id of its own).
+    pub fn generate_with_key_id(device_id: &str, key_id: &str) -> Result<Self, ClientError> {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| ClientError::Random(e.to_string()))?;
         Ok(DeviceIdentity {
             device_id: device_id.to_owned(),
-            key_id: "k1".into(),
+            key_id: key_id.into(),
             key: SigningKey::from_bytes(&seed),
         })
     }
@@ -82,6 +87,12 @@ impl DeviceIdentity {
 
     pub fn sign(&self, payload: &IntentPayload) -> Result<Envelope, ClientError> {
         Ok(Envelope::sign_intent(payload, &self.key_id, &self.key)?)
+    }
+
+    /// Signs raw bytes with the device key (key rotation's signatures).
+    pub fn sign_bytes(&self, message: &[u8]) -> ed25519_dalek::Signature {
+        use ed25519_dalek::Signer as _;
+        self.key.sign(message)
     }
 
     /// The `Authorization` value for a signed request.

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod handlers;
+pub mod keys;
 pub mod openapi;
 pub mod serve;
 
@@ -127,6 +128,7 @@ pub fn routes() -> Vec<(
         ("/v1/tasks/{id}/approve", &["post"], post(handlers::approve)),
         ("/v1/tasks/{id}/deny", &["post"], post(handlers::deny)),
         ("/v1/devices/enroll", &["post"], post(handlers::enroll)),
+        ("/v1/devices/{id}/keys", &["post"], post(keys::add_key)),
         ("/healthz", &["get"], get(handlers::healthz)),
         ("/metrics", &["get"], get(handlers::metrics)),
         ("/openapi.json", &["get"], get(handlers::openapi)),

@@ -74,6 +74,13 @@ pub fn document() -> Value {
                 "responses": merge(merge(ok("201", "EnrollResponse"), ok("200", "EnrollResponse")),
                     error_responses(&["400", "401", "408", "409", "413", "415", "503"]))
             }},
+            "/v1/devices/{id}/keys": {"post": {
+                "summary": "Add a device key (rotation), signed by a registered key and by the new key",
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AddKeyRequest"}}}},
+                "responses": merge(merge(ok("201", "AddKeyResponse"), ok("200", "AddKeyResponse")),
+                    error_responses(&["400", "401", "403", "404", "408", "409", "413", "415", "503"]))
+            }},
             "/healthz": {"get": {"summary": "Liveness and store reachability",
                 "responses": merge(json!({"200": {"description": "ok", "content": {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}}}), error_responses(&["503"]))}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
@@ -132,6 +139,19 @@ fn schemas() -> Value {
                 "notAfter": {"type": "string", "format": "date-time"}}}}},
         "EnrollResponse": {"type": "object", "required": ["deviceId", "namespace", "alreadyEnrolled"], "properties": {
             "deviceId": {"type": "string"}, "namespace": {"type": "string"}, "alreadyEnrolled": {"type": "boolean"}, "lastSeq": {"type": "integer"}}},
+        "AddKeyRequest": {"type": "object", "required": ["publicKey", "ts", "signedBy", "signature", "proof"], "properties": {
+            "publicKey": {"type": "object", "required": ["id", "alg", "key"], "properties": {
+                "id": {"type": "string", "minLength": 1, "maxLength": 128},
+                "alg": {"type": "string", "enum": ["ed25519"]},
+                "key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$"},
+                "notAfter": {"type": "string", "format": "date-time"}}},
+            "ts": {"type": "integer", "description": "unix seconds"},
+            "signedBy": {"type": "string"},
+            "signature": {"type": "string", "description": "base64 Ed25519 by signedBy over agentplane-add-key-v1\\n<device>\\n<key id>\\n<key>\\n<ts>\\n<retire or ->"},
+            "proof": {"type": "string", "description": "base64 Ed25519 by the new key over the same bytes"},
+            "retireSigningKeyAfterSecs": {"type": "integer", "minimum": 0, "maximum": agentplane_api::wire::MAX_RETIRE_AFTER_SECS}}},
+        "AddKeyResponse": {"type": "object", "required": ["deviceId", "keyIds", "alreadyRegistered"], "properties": {
+            "deviceId": {"type": "string"}, "keyIds": {"type": "array", "items": {"type": "string"}}, "alreadyRegistered": {"type": "boolean"}}},
         "ApprovalRequest": {"type": "object", "properties": {"comment": {"type": "string"}}},
         "ErrorBody": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
             "code": {"type": "string"}, "message": {"type": "string"}, "serverTime": {"type": "integer"}, "retryAfterSecs": {"type": "integer"}}}}}

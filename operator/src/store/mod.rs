@@ -185,6 +185,15 @@ pub trait TaskStore: Send + Sync + 'static {
         spec: EdgeDeviceSpec,
     ) -> Result<DeviceRecord, StoreError>;
 
+    /// Replaces a device's spec if its version is still `expected` (key rotation: a concurrent
+    /// revocation must not be overwritten).
+    async fn update_device_spec(
+        &self,
+        name: &str,
+        expected: &Version,
+        spec: EdgeDeviceSpec,
+    ) -> Result<DeviceRecord, StoreError>;
+
     /// Spends a join token on a device, atomically.
     async fn enroll(&self, enrollment: Enrollment) -> Result<EnrollOutcome, StoreError>;
 

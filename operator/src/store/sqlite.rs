@@ -471,6 +471,42 @@ impl TaskStore for SqliteStore {
         .await
     }
 
+    async fn update_device_spec(
+        &self,
+        name: &str,
+        expected: &Version,
+        spec: EdgeDeviceSpec,
+    ) -> Result<DeviceRecord, StoreError> {
+        let name = name.to_owned();
+        let expected_n = parse_version("EdgeDevice", &name, expected)?;
+        self.call(move |conn| {
+            let tx = conn.transaction().map_err(be)?;
+            let changed = tx
+                .execute(
+                    "UPDATE devices SET spec = ?1, version = version + 1 WHERE name = ?2 AND version = ?3",
+                    params![to_json(&spec)?, name, expected_n],
+                )
+                .map_err(be)?;
+            if changed == 0 {
+                return Err(match read_device(&tx, &name)? {
+                    Some(_) => StoreError::Conflict {
+                        kind: "EdgeDevice",
+                        id: name,
+                        expected: expected_n.to_string(),
+                    },
+                    None => StoreError::NotFound {
+                        kind: "EdgeDevice",
+                        id: name,
+                    },
+                });
+            }
+            let rec = read_device(&tx, &name)?.ok_or_else(|| be("device vanished"))?;
+            tx.commit().map_err(be)?;
+            Ok(rec)
+        })
+        .await
+    }
+
     async fn enroll(&self, e: Enrollment) -> Result<EnrollOutcome, StoreError> {
         self.call(move |conn| {
             let tx = conn.transaction().map_err(be)?;
