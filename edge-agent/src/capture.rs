@@ -8,9 +8,11 @@ use agentplane_api::{Consent, Envelope, Intent, IntentPayload, PrivacyLevel, Req
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use crate::identity::DeviceSigner;
 use crate::outbox::{EntryState, NewEntry, Outbox, OutboxError};
+use crate::telemetry;
 
 /// Largest prompt accepted from the UI or the command line (the payload limit is larger; this keeps
 /// the outbox small on a Pi).
@@ -151,7 +153,18 @@ impl Capturer {
             .validate()
             .map_err(|e| CaptureError::Invalid(e.to_string()))?;
         let signer = self.signer.clone();
-        let traceparent = new_traceparent()?;
+        // The user's action starts the task's trace: a root span whose context is kept with the entry,
+        // so every send of it, after a restart too, continues this trace.
+        let span = tracing::info_span!(
+            parent: None,
+            "edge.capture",
+            task_id = %task_id,
+            intent = %payload.intent.kind,
+        );
+        let traceparent = match telemetry::traceparent_of(&span) {
+            Some(tp) => tp,
+            None => new_traceparent()?,
+        };
         let (seq, task_id) = self
             .outbox
             .insert(move |seq| {
@@ -168,6 +181,7 @@ impl Capturer {
                     state: EntryState::Pending,
                 })
             })
+            .instrument(span)
             .await?;
         tracing::debug!(%task_id, seq, "intent captured");
         Ok(Accepted { task_id, seq })

@@ -9,15 +9,18 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use agentplane_api::wire::{
-    EnrollRequest, EnrollResponse, ErrorBody, READ_AUTH_SCHEME, SubmitResponse, TRACEPARENT_HEADER,
-    TaskView, read_auth_message,
+    AddKeyRequest, AddKeyResponse, EnrollRequest, EnrollResponse, ErrorBody, READ_AUTH_SCHEME,
+    SubmitResponse, TRACEPARENT_HEADER, TaskView, add_key_message, read_auth_message,
 };
+use agentplane_api::{KeyAlgorithm, PublicKey};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use reqwest_edge as reqwest;
 use reqwest_edge::StatusCode;
+use tracing::Instrument as _;
 
 use crate::identity::DeviceSigner;
+use crate::telemetry;
 
 /// Largest gateway answer read; a task result bigger than this is refused as garbage.
 const MAX_RESPONSE_BYTES: usize = 4 << 20;
@@ -138,22 +141,91 @@ impl GatewayClient {
         parse_json(resp).await
     }
 
+    /// `POST /v1/devices/{id}/keys`: registers a rotated key, signed by `current` and by `next`.
+    /// A `clock_skew` answer corrects this client's clock offset from the gateway's time and the
+    /// request is signed again, once.
+    pub async fn add_key(
+        &self,
+        device_id: &str,
+        current: &dyn DeviceSigner,
+        next: &dyn DeviceSigner,
+        retire_current_after_secs: Option<u64>,
+    ) -> Result<AddKeyResponse, GatewayError> {
+        let public_key = PublicKey {
+            id: next.key_id().to_owned(),
+            alg: KeyAlgorithm::Ed25519,
+            key: agentplane_api::envelope::encode_public_key(&next.public_key()),
+            not_after: None,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let ts = jiff::Timestamp::now().as_second() + self.clock_offset_secs();
+            let message = add_key_message(device_id, &public_key, ts, retire_current_after_secs);
+            let sign = |who: &dyn DeviceSigner| {
+                who.sign(&message)
+                    .map(|s| B64.encode(s.to_bytes()))
+                    .map_err(|e| GatewayError::Signing(e.to_string()))
+            };
+            let req = AddKeyRequest {
+                public_key: public_key.clone(),
+                ts,
+                signed_by: current.key_id().to_owned(),
+                signature: sign(current)?,
+                proof: sign(next)?,
+                retire_signing_key_after_secs: retire_current_after_secs,
+            };
+            let resp = self
+                .http
+                .post(format!("{}/v1/devices/{device_id}/keys", self.base))
+                .json(&req)
+                .send()
+                .await
+                .map_err(unreachable)?;
+            match parse_json(resp).await {
+                Err(GatewayError::Refused {
+                    code,
+                    server_time: Some(server),
+                    ..
+                }) if code == "clock_skew" && attempt == 1 => {
+                    self.clock_offset.store(
+                        server - jiff::Timestamp::now().as_second(),
+                        Ordering::Relaxed,
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// `POST /v1/intents` with the envelope exactly as stored.
     pub async fn submit(
         &self,
         envelope_json: &str,
         traceparent: &str,
     ) -> Result<SubmitResponse, GatewayError> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/intents", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(TRACEPARENT_HEADER, traceparent)
-            .body(envelope_json.to_owned())
-            .send()
-            .await
-            .map_err(unreachable)?;
-        parse_json(resp).await
+        // This attempt's span, a child of the capture; the gateway's span becomes its child. Untraced
+        // (or a stored value the propagator refuses), the stored traceparent goes out as it is.
+        let span = tracing::info_span!("edge.submit", otel.kind = "client");
+        let header = if telemetry::set_remote_parent(&span, traceparent) {
+            telemetry::traceparent_of(&span).unwrap_or_else(|| traceparent.to_owned())
+        } else {
+            traceparent.to_owned()
+        };
+        async {
+            let resp = self
+                .http
+                .post(format!("{}/v1/intents", self.base))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(TRACEPARENT_HEADER, header)
+                .body(envelope_json.to_owned())
+                .send()
+                .await
+                .map_err(unreachable)?;
+            parse_json(resp).await
+        }
+        .instrument(span)
+        .await
     }
 
     /// `GET /v1/tasks/{id}` as the device that submitted it.

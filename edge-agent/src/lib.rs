@@ -11,4 +11,5 @@ pub mod identity;
 pub mod install;
 pub mod outbox;
 pub mod sender;
+pub mod telemetry;
 pub mod ui;

@@ -16,6 +16,7 @@ use agentplane_edge::identity::{FileKeySource, KeySource as _};
 use agentplane_edge::install::{self, InstallOptions};
 use agentplane_edge::outbox::{Entry, EntryState, OutboxError};
 use agentplane_edge::sender::SenderConfig;
+use agentplane_edge::telemetry;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -68,8 +69,10 @@ enum Command {
     },
     /// Create a new device key, register it with the gateway, then make it current (the old key is kept).
     RotateKey {
-        #[arg(long, env = "AGENTPLANE_JOIN_TOKEN", hide_env_values = true)]
-        token: String,
+        /// Retire the old key this many seconds from now (at most 30 days). Without it the old key
+        /// stays valid, so intents it signed that are still queued offline are delivered.
+        #[arg(long)]
+        retire_old_after: Option<u64>,
     },
     /// Capture, sign and queue one intent from the command line (works offline, with or without `run`).
     Submit {
@@ -203,7 +206,6 @@ impl From<Privacy> for PrivacyLevel {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -215,7 +217,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli)) {
+    // Inside the runtime: span export, when configured, sends from it.
+    let telemetry = {
+        let _in = rt.enter();
+        match telemetry::init(matches!(cli.log_format, LogFormat::Json), "agentplane-edge") {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("agentplane-edge: setting up logs and traces: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let result = rt.block_on(dispatch(cli));
+    // Flushes the spans still batched (a one-shot `submit`'s capture too) while the runtime runs.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agentplane-edge: {}", describe(&e));
@@ -262,25 +278,6 @@ fn is_corrupt_outbox(e: &anyhow::Error) -> bool {
             });
         matches!(outbox, Some(OutboxError::Corrupt { .. }))
     })
-}
-
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    // `Targets` (e.g. RUST_LOG=info,agentplane_edge=debug) rather than `EnvFilter`: the same syntax for
-    // what a device needs, without linking a regex engine into a binary meant for a Pi.
-    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
-        });
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry.with(fmt).init(),
-        LogFormat::Json => registry.with(fmt.json()).init(),
-    }
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -348,11 +345,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 keys.load_or_create()?.key_id()
             );
         }
-        Command::RotateKey { token } => {
+        Command::RotateKey { retire_old_after } => {
             let keys = FileKeySource::new(&paths.key_file);
-            let (old, new) = enroll::rotate(&paths, &keys, token).await?;
+            let (old, new) = enroll::rotate(&paths, &keys, retire_old_after).await?;
+            let kept = match retire_old_after {
+                Some(s) => format!("the gateway retires the old key in {s} s"),
+                None => "the old key stays registered".to_owned(),
+            };
             println!(
-                "rotated: {old} -> {new} (the old key is kept until the gateway drops it; restart a running agent to sign with the new key)"
+                "rotated: {old} -> {new} ({kept}; restart a running agent to sign with the new key)"
             );
         }
         Command::Submit {

@@ -37,7 +37,14 @@ fn the_deb_holds_the_agent_its_docs_and_the_service_scripts() {
     let out = tempfile::tempdir().unwrap();
     // The binary under test is this build's (`cargo test` built it); --no-build packages it as is.
     run(Command::new(&cargo_deb)
-        .args(["-p", "agentplane-edge", "--no-build", "--profile", "dev", "--output"])
+        .args([
+            "-p",
+            "agentplane-edge",
+            "--no-build",
+            "--profile",
+            "dev",
+            "--output",
+        ])
         .arg(out.path())
         .current_dir(repo_root()));
     let deb = std::fs::read_dir(out.path())
@@ -91,7 +98,10 @@ fn the_deb_holds_the_agent_its_docs_and_the_service_scripts() {
             .join("etc/systemd/system/agentplane-edge.service"),
     )
     .expect("the postinst path writes the unit");
-    assert!(unit.contains("ExecStart=/usr/bin/agentplane-edge run"), "{unit}");
+    assert!(
+        unit.contains("ExecStart=/usr/bin/agentplane-edge run"),
+        "{unit}"
+    );
     assert!(unit.contains("NoNewPrivileges=yes"), "{unit}");
     // And the prerm path removes it again.
     run(Command::new(&bin)

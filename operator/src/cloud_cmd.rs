@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentplane::audit::{
+    AuditLog, AuditLogConfig, CheckpointSigner, Ed25519Signer, KmsSigner, TaskObserver,
+};
 use agentplane::cloud;
 use agentplane::controller::operator::{self, OperatorConfig};
 use agentplane::gateway::serve::{self, TlsFiles};
@@ -14,13 +17,15 @@ use agentplane::gateway::{self, AppState, ApproverCredential, GatewayConfig};
 use agentplane::metrics::Metrics;
 use agentplane::queue::DynQueue;
 use agentplane::queue::sqs::SqsQueue;
+use agentplane::runtime::{audit_origin, close_audit_log};
 use agentplane::store::kubernetes::KubeStore;
 use agentplane::store::{DynStore, TaskStore, hash_secret};
+use agentplane::telemetry;
 use agentplane::worker::{Worker, WorkerConfig};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::dev::{init_logs, parse_approver, wait_for_signal};
+use crate::dev::{parse_approver, wait_for_signal};
 
 /// Flags every distributed component takes.
 #[derive(clap::Args, Debug)]
@@ -97,6 +102,65 @@ pub struct OperatorArgs {
     /// Seconds a Lease stays valid without renewal.
     #[arg(long, env = "AGENTPLANE_LEASE_DURATION_SECS", default_value_t = 15)]
     lease_duration_secs: u64,
+    /// Tamper-evident audit log (a SQLite file) this replica records every task state it observes
+    /// into while it leads. Unset: no audit log. Keep it on a persistent volume: a log that does not
+    /// survive a restart proves nothing.
+    #[arg(long, env = "AGENTPLANE_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// AWS KMS key (KeySpec ECC_NIST_P256, KeyUsage SIGN_VERIFY) that signs the audit log's
+    /// checkpoints. Without it, --audit-key-file does.
+    #[arg(
+        long,
+        env = "AGENTPLANE_AUDIT_KMS_KEY_ID",
+        requires = "audit_log",
+        conflicts_with = "audit_key_file"
+    )]
+    audit_kms_key_id: Option<String>,
+    /// Local Ed25519 key file that signs the audit log's checkpoints when no KMS key is given
+    /// (created, mode 0600, if missing) [default: audit.key beside --audit-log].
+    #[arg(long, env = "AGENTPLANE_AUDIT_KEY_FILE", requires = "audit_log")]
+    audit_key_file: Option<PathBuf>,
+}
+
+/// Opens the operator's audit log with the signer its flags choose.
+async fn open_operator_audit(
+    args: &OperatorArgs,
+    path: &std::path::Path,
+) -> anyhow::Result<Arc<AuditLog>> {
+    let signer: Arc<dyn CheckpointSigner> = match &args.audit_kms_key_id {
+        Some(key_id) => {
+            let aws = cloud::aws_config(
+                args.common.region.clone(),
+                args.common.aws_endpoint_url.clone(),
+            )
+            .await;
+            Arc::new(
+                KmsSigner::new(aws_sdk_kms::Client::new(&aws), key_id.clone())
+                    .await
+                    .with_context(|| format!("audit checkpoint key {key_id}"))?,
+            )
+        }
+        None => {
+            let key_file = args.audit_key_file.clone().unwrap_or_else(|| {
+                path.parent()
+                    .unwrap_or_else(|| std::path::Path::new("."))
+                    .join("audit.key")
+            });
+            Arc::new(
+                Ed25519Signer::load_or_create(&key_file)
+                    .with_context(|| format!("audit checkpoint key {}", key_file.display()))?,
+            )
+        }
+    };
+    let described = signer.describe();
+    let log = AuditLog::open(
+        AuditLogConfig::new(path, audit_origin(&args.common.namespace)),
+        signer,
+    )
+    .await
+    .with_context(|| format!("opening the audit log {}", path.display()))?;
+    tracing::info!(log = %path.display(), signer = %described, "audit log open");
+    Ok(log)
 }
 
 #[derive(clap::Args, Debug)]
@@ -172,6 +236,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Runs `main` on a new runtime with logging and span export set up inside it (the exports are sent
+/// from it), then flushes the spans still batched while the runtime is still there to send them.
+fn run_service(
+    log_format: &str,
+    service: &str,
+    main: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let telemetry = {
+        let _in = rt.enter();
+        telemetry::init(log_format, service).context("setting up logs and traces")?
+    };
+    let result = rt.block_on(main);
+    telemetry.shutdown();
+    result
+}
+
 /// Cancels the returned token on SIGTERM or SIGINT.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
@@ -201,29 +282,53 @@ async fn start_metrics(
 }
 
 pub fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
-    init_logs(&args.common.log_format);
-    runtime()?.block_on(async move {
+    let log_format = args.common.log_format.clone();
+    run_service(&log_format, "agentplane-operator", async move {
         let shutdown = shutdown_on_signal();
         let (client, store) = args.common.store().await?;
         let queue: DynQueue = SqsQueue::new(args.common.sqs().await, args.queue_url.clone());
         let metrics = Arc::new(Metrics::default());
+        // Opened before anything runs: an operator told to keep a log it cannot open must not run
+        // unaudited.
+        let audit_log = match &args.audit_log {
+            Some(path) => {
+                let log = open_operator_audit(&args, path).await?;
+                log.attach_metrics(metrics.clone()).await?;
+                Some(log)
+            }
+            None => {
+                tracing::warn!(
+                    "no --audit-log (AGENTPLANE_AUDIT_LOG): task history is not recorded in an audit log"
+                );
+                None
+            }
+        };
         let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
         let config = OperatorConfig {
+            audit: audit_log
+                .as_ref()
+                .map(|log| TaskObserver::new(log.clone(), args.common.namespace.clone())),
             concurrency: args.concurrency,
             lease_name: args.lease_name.clone(),
             lease_namespace: args
                 .lease_namespace
                 .clone()
                 .unwrap_or_else(|| args.common.namespace.clone()),
-            identity: args.identity.clone().unwrap_or_else(|| OperatorConfig::default().identity),
+            identity: args
+                .identity
+                .clone()
+                .unwrap_or_else(|| OperatorConfig::default().identity),
             lease_duration_secs: args.lease_duration_secs,
             lease_grace_secs: (args.lease_duration_secs / 3).max(1),
             ..OperatorConfig::default()
         };
         tracing::info!(namespace = %args.common.namespace, identity = %config.identity, "agentplane operator starting");
-        operator::run(client, store, queue, metrics, config, shutdown.clone())
-            .await
-            .context("running the operator")?;
+        let ran = operator::run(client, store, queue, metrics, config, shutdown.clone()).await;
+        // Signs the tail, so the log verifies with every leaf covered.
+        if let Some(log) = &audit_log {
+            close_audit_log(log).await;
+        }
+        ran.context("running the operator")?;
         shutdown.cancel();
         let _ = metrics_task.await;
         anyhow::Ok(())
@@ -231,15 +336,24 @@ pub fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
-    init_logs(&args.common.log_format);
-    runtime()?.block_on(async move {
+    let log_format = args.common.log_format.clone();
+    run_service(&log_format, "agentplane-worker", async move {
         let shutdown = shutdown_on_signal();
         let (client, store) = args.common.store().await?;
         let sqs = args.common.sqs().await;
         let queue: DynQueue = SqsQueue::new(sqs.clone(), args.queue_url.clone());
         let dead_letters: DynQueue = SqsQueue::new(sqs, args.dlq_url.clone());
-        let aws = cloud::aws_config(args.common.region.clone(), args.common.aws_endpoint_url.clone()).await;
-        let models = crate::cloud_models::models(client, &args.common.namespace, &aws, args.kms_key_id.clone())?;
+        let aws = cloud::aws_config(
+            args.common.region.clone(),
+            args.common.aws_endpoint_url.clone(),
+        )
+        .await;
+        let models = crate::cloud_models::models(
+            client,
+            &args.common.namespace,
+            &aws,
+            args.kms_key_id.clone(),
+        )?;
         let metrics = Arc::new(Metrics::default());
         let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
         let store: DynStore = store;
@@ -266,7 +380,6 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    init_logs(&args.common.log_format);
     let approvers = args
         .approvers
         .iter()
@@ -279,12 +392,15 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
-    runtime()?.block_on(async move {
+    let log_format = args.common.log_format.clone();
+    run_service(&log_format, "agentplane-gateway", async move {
         let shutdown = shutdown_on_signal();
         let (_client, store) = args.common.store().await?;
         let expires = jiff::Timestamp::now()
             .checked_add(jiff::SignedDuration::from_hours(
-                i64::try_from(args.join_token_ttl_hours).unwrap_or(i64::MAX / 3600).min(24 * 365),
+                i64::try_from(args.join_token_ttl_hours)
+                    .unwrap_or(i64::MAX / 3600)
+                    .min(24 * 365),
             ))
             .unwrap_or(jiff::Timestamp::MAX);
         for t in &args.join_tokens {
@@ -313,7 +429,10 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         ));
         tracing::info!(%addr, tls = bound.is_tls(), namespace = %args.common.namespace, "agentplane gateway listening");
         // Printed for scripts that start the gateway on port 0.
-        println!("agentplane gateway listening on {}://{addr}", if bound.is_tls() { "https" } else { "http" });
+        println!(
+            "agentplane gateway listening on {}://{addr}",
+            if bound.is_tls() { "https" } else { "http" }
+        );
         serve::serve(bound, router, shutdown.clone())
             .await
             .context("serving the gateway")?;

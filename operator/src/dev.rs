@@ -89,19 +89,6 @@ struct DevFile {
     log_format: Option<String>,
 }
 
-pub fn init_logs(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "text" {
-        builder.init();
-    } else {
-        builder.json().init();
-    }
-}
-
 pub fn parse_approver(s: &str) -> anyhow::Result<(String, String)> {
     let (name, token) = s
         .split_once('=')
@@ -126,7 +113,6 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         .log_format
         .or(file.log_format)
         .unwrap_or_else(|| "json".into());
-    init_logs(&log_format);
 
     let defaults = EmbeddedConfig::default();
     let mut approvers = Vec::new();
@@ -196,7 +182,13 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    // Inside the runtime: span export, when configured, sends from it.
+    let telemetry = {
+        let _in = rt.enter();
+        agentplane::telemetry::init(&log_format, "agentplane-dev")
+            .context("setting up logs and traces")?
+    };
+    let result = rt.block_on(async move {
         let embedded = Embedded::start(cfg)
             .await
             .context("starting the embedded runtime")?;
@@ -212,7 +204,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         embedded.stop().await;
         anyhow::Ok(())
-    })
+    });
+    // Flushes the spans still batched while the runtime can still send them.
+    telemetry.shutdown();
+    result
 }
 
 pub async fn wait_for_signal() {

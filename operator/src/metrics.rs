@@ -44,6 +44,11 @@ pub const METRICS: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "agentplane_key_rotations_total",
+        "Device key additions (rotation), by outcome.",
+        Kind::Counter,
+    ),
+    (
         "agentplane_enrollments_total",
         "Enrollment attempts, by outcome.",
         Kind::Counter,
@@ -113,6 +118,26 @@ pub const METRICS: &[(&str, &str, Kind)] = &[
         "Duration of model calls, by tier.",
         Kind::Histogram(LATENCY),
     ),
+    (
+        "agentplane_audit_appends_total",
+        "Leaves appended to the audit log (an event already recorded under its key is not counted).",
+        Kind::Counter,
+    ),
+    (
+        "agentplane_audit_append_failures_total",
+        "Audit log appends that failed (each is retried; writes are refused until it succeeds).",
+        Kind::Counter,
+    ),
+    (
+        "agentplane_audit_log_size",
+        "Leaves in the audit log.",
+        Kind::Gauge,
+    ),
+    (
+        "agentplane_audit_checkpoints_total",
+        "Signed audit log checkpoints.",
+        Kind::Counter,
+    ),
 ];
 
 /// Builds histograms with a metric's buckets.
@@ -126,6 +151,8 @@ impl MetricConstructor<Histogram> for Buckets {
 }
 
 pub struct Metrics {
+    /// Last phase seen per task, behind `agentplane_tasks{phase}`.
+    task_phases: std::sync::Mutex<HashMap<String, agentplane_api::TaskPhase>>,
     registry: Registry,
     counters: HashMap<&'static str, Family<Labels, Counter>>,
     gauges: HashMap<&'static str, Family<Labels, Gauge>>,
@@ -160,6 +187,7 @@ impl Default for Metrics {
             }
         }
         Metrics {
+            task_phases: std::sync::Mutex::new(HashMap::new()),
             registry,
             counters,
             gauges,
@@ -225,6 +253,28 @@ impl Metrics {
         }
     }
 
+    /// Records that task `id` is now in `phase`, keeping `agentplane_tasks{phase}` a count of the
+    /// tasks this process has seen, by their latest phase. Idempotent.
+    pub fn observe_task_phase(&self, id: &str, phase: agentplane_api::TaskPhase) {
+        let mut phases = self.task_phases.lock().unwrap_or_else(|e| e.into_inner());
+        let old = phases.insert(id.to_owned(), phase);
+        if old == Some(phase) {
+            return;
+        }
+        if let Some(old) = old {
+            self.add_gauge("agentplane_tasks", &[("phase", old.as_str())], -1);
+        }
+        self.add_gauge("agentplane_tasks", &[("phase", phase.as_str())], 1);
+    }
+
+    /// Drops a deleted task from `agentplane_tasks`.
+    pub fn forget_task(&self, id: &str) {
+        let mut phases = self.task_phases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = phases.remove(id) {
+            self.add_gauge("agentplane_tasks", &[("phase", old.as_str())], -1);
+        }
+    }
+
     /// The OpenMetrics text format (what Prometheus scrapes; see [`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -250,6 +300,10 @@ mod tests {
         m.set_gauge("agentplane_operator_leader", &[], 1);
         m.observe("agentplane_reconcile_seconds", &[], 0.003);
         m.inc("agentplane_not_declared_total", &[]);
+        m.observe_task_phase("t1", agentplane_api::TaskPhase::Pending);
+        m.observe_task_phase("t1", agentplane_api::TaskPhase::Queued);
+        m.observe_task_phase("t2", agentplane_api::TaskPhase::Queued);
+        m.observe_task_phase("t2", agentplane_api::TaskPhase::Queued);
         let text = m.render();
         assert!(
             text.contains("agentplane_intents_total{outcome=\"accepted\"} 2"),
@@ -261,6 +315,14 @@ mod tests {
         );
         assert!(text.contains("# TYPE agentplane_intents counter"), "{text}");
         assert!(text.contains("agentplane_operator_leader 1"), "{text}");
+        assert!(
+            text.contains("agentplane_tasks{phase=\"Queued\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentplane_tasks{phase=\"Pending\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("agentplane_reconcile_seconds_bucket{le=\"0.005\"} 1"),
             "{text}"

@@ -12,6 +12,7 @@ use agentplane_api::policy::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{AuditLog, AuditLogConfig, AuditedStore, Ed25519Signer, LogError};
 use crate::controller::Controller;
 use crate::gateway::serve::{self, ServeError, TlsFiles};
 use crate::gateway::{self, AppState, GatewayConfig};
@@ -39,6 +40,12 @@ pub struct EmbeddedConfig {
     pub worker: WorkerConfig,
     pub max_receive_count: u32,
     pub resync: Duration,
+    /// Record every admission, decision, approval and transition in the tamper-evident audit log
+    /// (`<data dir>/audit.sqlite`, checkpoints signed with the Ed25519 key `<data dir>/audit.key`).
+    /// Off only to measure what it costs (`agentplane dev-bench`).
+    pub audit: bool,
+    /// The policy seeded into a data directory that has none (default: [`default_policy`]).
+    pub initial_policy: Option<AgentPolicySpec>,
 }
 
 impl Default for EmbeddedConfig {
@@ -54,6 +61,8 @@ impl Default for EmbeddedConfig {
             worker: WorkerConfig::default(),
             max_receive_count: 3,
             resync: Duration::from_secs(10),
+            audit: true,
+            initial_policy: None,
         }
     }
 }
@@ -74,6 +83,17 @@ pub enum RuntimeError {
     Locked { path: PathBuf },
     #[error("no randomness for a join token: {0}")]
     Random(String),
+    #[error(transparent)]
+    Audit(#[from] LogError),
+}
+
+/// The audit log file and its signing key, in the data directory.
+pub const AUDIT_LOG_FILE: &str = "audit.sqlite";
+pub const AUDIT_KEY_FILE: &str = "audit.key";
+
+/// The origin line of the embedded runtime's checkpoints for `namespace`.
+pub fn audit_origin(namespace: &str) -> String {
+    format!("agentplane.dev/audit/{namespace}")
 }
 
 /// A running embedded runtime.
@@ -83,8 +103,11 @@ pub struct Embedded {
     pub store: DynStore,
     pub queue: DynQueue,
     pub metrics: Arc<Metrics>,
+    /// The audit log every store write is recorded in (`None` when `EmbeddedConfig::audit` is off).
+    pub audit: Option<Arc<AuditLog>>,
     /// The join token generated at start-up, when none was configured.
     pub generated_join_token: Option<String>,
+    audited: Option<Arc<AuditedStore>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Held while running: one process per data directory (see `release_orphaned_leases`).
@@ -150,6 +173,35 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, RuntimeError> {
     }
 }
 
+/// Opens `<data dir>/audit.sqlite` with the key `<data dir>/audit.key` (created on first start).
+async fn open_audit_log(cfg: &EmbeddedConfig) -> Result<Arc<AuditLog>, RuntimeError> {
+    let signer = Ed25519Signer::load_or_create(&cfg.data_dir.join(AUDIT_KEY_FILE))
+        .map_err(LogError::from)?;
+    let mut config = AuditLogConfig::new(
+        cfg.data_dir.join(AUDIT_LOG_FILE),
+        audit_origin(&cfg.namespace),
+    );
+    // Leaves are fsynced by each checkpoint's commit (every 256 leaves or 10 s) rather than one by
+    // one: the same durability as the task store beside it (WAL, synchronous=NORMAL: safe against a
+    // process crash), and a signed checkpoint never covers leaves an OS crash could take back. An
+    // fsync per append on the runtime's hot path cost more than the rest of governance together.
+    config.fsync_appends = false;
+    let log = AuditLog::open(config, Arc::new(signer)).await?;
+    tracing::info!(log = %log.path().display(), key_id = log.public_key().key_id(), "audit log open");
+    Ok(log)
+}
+
+/// Signs the tail of the log (so the next start, and `agentplane audit verify`, find every leaf
+/// covered) and closes it. Failures are logged: the leaves are durable already, only unsigned.
+pub async fn close_audit_log(log: &AuditLog) {
+    if let Err(e) = log.checkpoint_if_new().await {
+        tracing::error!(error = %e, log = %log.path().display(), "final audit checkpoint failed");
+    }
+    if let Err(e) = log.close().await {
+        tracing::error!(error = %e, log = %log.path().display(), "closing the audit log failed");
+    }
+}
+
 impl Embedded {
     pub async fn start(cfg: EmbeddedConfig) -> Result<Embedded, RuntimeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| RuntimeError::DataDir {
@@ -158,7 +210,22 @@ impl Embedded {
         })?;
         let lock = lock_data_dir(&cfg.data_dir)?;
         let db = Db::open(&cfg.data_dir.join("agentplane.sqlite"))?;
+        let metrics = Arc::new(Metrics::default());
         let store: DynStore = SqliteStore::new(db.clone(), cfg.namespace.clone());
+        // Wrapped before anything else gets the store: every write the gateway, controller and
+        // worker make is then recorded.
+        let (store, audit, audited) = if cfg.audit {
+            let log = open_audit_log(&cfg).await?;
+            log.attach_metrics(metrics.clone()).await?;
+            // Pipelined: a write waits for its events to be queued to the log, not fsynced, so the
+            // controller (one task at a time) is not held to the log's fsync rate. See
+            // `AuditedStore::pipelined` for what that trades.
+            let audited = AuditedStore::pipelined(store, log.clone());
+            let store: DynStore = audited.clone();
+            (store, Some(log), Some(audited))
+        } else {
+            (store, None, None)
+        };
         let main_queue = SqliteQueue::new(
             db.clone(),
             QUEUE_NAME,
@@ -182,7 +249,9 @@ impl Embedded {
 
         if store.get_policy().await?.is_none() {
             tracing::info!("no AgentPolicy yet; seeding the default policy");
-            store.put_policy(default_policy()).await?;
+            store
+                .put_policy(cfg.initial_policy.clone().unwrap_or_else(default_policy))
+                .await?;
         }
         let now = jiff::Timestamp::now();
         let expires = jiff::SignedDuration::try_from(cfg.join_token_ttl)
@@ -200,7 +269,6 @@ impl Embedded {
             store.add_join_token(&hash_secret(t), expires).await?;
         }
 
-        let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
         let bound = serve::bind(cfg.listen, cfg.tls.as_ref()).await?;
         let addr = bound.local_addr().map_err(ServeError::Io)?;
@@ -248,6 +316,8 @@ impl Embedded {
             store,
             queue,
             metrics,
+            audit,
+            audited,
             generated_join_token,
             shutdown,
             tasks,
@@ -268,7 +338,8 @@ impl Embedded {
         self.shutdown.clone()
     }
 
-    /// Stops accepting work, lets in-flight requests and attempts finish (bounded), and returns.
+    /// Stops accepting work, lets in-flight requests and attempts finish (bounded), signs a last
+    /// audit checkpoint over the tail of the log, closes it, and returns.
     pub async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks {
@@ -278,6 +349,18 @@ impl Embedded {
             {
                 tracing::warn!("a runtime task did not stop within 10 s");
             }
+        }
+        if let Some(audited) = &self.audited {
+            audited.settle().await;
+            if let Err(e) = audited.retry_backlog().await {
+                tracing::error!(
+                    error = %e,
+                    "audit events could not be appended before the stop; they are lost"
+                );
+            }
+        }
+        if let Some(log) = &self.audit {
+            close_audit_log(log).await;
         }
     }
 }

@@ -19,10 +19,15 @@
 //! What remains invisible is a process crash between the store commit and the append (or with a
 //! backlog). Admissions heal on resubmission (an `Existing` admission re-appends its idempotent event).
 //!
+//! [`AuditedStore::pipelined`] (what `agentplane dev` runs) returns once the events are queued to the
+//! log, and learns of a failed append from the log afterwards: the failing write itself then
+//! succeeds, and the writes after the failure is known are refused. Its crash window is the queue
+//! (milliseconds).
+//!
 //! # Event keys and `auditSeq`
 //!
-//! Keys are `ns/task/admitted`, `ns/task@<version>/phase`, `ns/task@<version>/approval` and
-//! `ns/task/cancel-requested`. Versions are unique per write (a resourceVersion in Kubernetes), so the
+//! Keys are `ns/task/admitted`, `ns/task@<version>/phase`, `ns/task@<version>/approval`,
+//! `ns/task@<version>/held` (a rate limit holding the task) and `ns/task/cancel-requested`. Versions are unique per write (a resourceVersion in Kubernetes), so the
 //! redelivery edge Running -> Queued -> Running records every pass while a replay of the same write is
 //! recorded once. The record returned by a write carries `status.auditSeq` = the seq of the leaf just
 //! appended (not persisted by that write, which had committed already); callers derive their next status
@@ -41,7 +46,7 @@ use jiff::Timestamp;
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use super::log::AuditLog;
+use super::log::{AuditLog, DetachedFailures, LogError};
 use super::{AuditEvent, EventKind};
 use crate::store::{
     Admission, DeviceRecord, DynStore, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
@@ -54,12 +59,32 @@ const MAX_BACKLOG: usize = 10_000;
 /// Most tasks whose last seen phase is remembered (to know a write's `from` phase without a read).
 const MAX_KNOWN: usize = 50_000;
 
+/// Per-task write locks, by hash of the task id (see [`AuditedStore::stripe`]).
+const STRIPES: usize = 256;
+
+/// Whether two approvals are the same decision. The store keeps `decidedAt` to the second (a
+/// Kubernetes `Time`), so a record read back differs from the one written in its sub-second part:
+/// comparing whole values would take a re-read approval for a new one.
+fn same_approval(a: Option<&Approval>, b: Option<&Approval>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.decision == b.decision
+                && a.approver == b.approver
+                && a.comment == b.comment
+                && a.decided_at.0.as_second() == b.decided_at.0.as_second()
+        }
+        _ => false,
+    }
+}
+
 /// What the wrapper last saw of a task.
 #[derive(Clone)]
 struct Known {
     version: Version,
     phase: TaskPhase,
     approval: Option<Approval>,
+    held: Option<String>,
 }
 
 impl Known {
@@ -68,6 +93,7 @@ impl Known {
             version: t.version.clone(),
             phase: t.phase(),
             approval: t.status.approval.clone(),
+            held: super::held_reason(&t.status).map(str::to_owned),
         }
     }
 }
@@ -81,11 +107,37 @@ pub struct AuditedStore {
     failures: AtomicU64,
     dropped: AtomicU64,
     known: Mutex<HashMap<String, Known>>,
+    /// Held from a task's write until its events are appended, so the log has each task's events
+    /// in the order its writes committed: without it, a worker reacting to a committed write could
+    /// append its own event before the writer appended the one it reacted to.
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Pipelined mode: where the log leaves the appends that failed (see [`AuditedStore::pipelined`]).
+    detached: Option<Arc<DetachedFailures>>,
 }
 
 impl AuditedStore {
+    /// A store whose writes return once their audit events are appended and fsynced: the returned
+    /// record carries `status.auditSeq`, and a failed append fails the write that produced it.
     pub fn new(inner: DynStore, log: Arc<AuditLog>) -> Arc<Self> {
-        Arc::new(AuditedStore {
+        Arc::new(Self::build(inner, log, None))
+    }
+
+    /// A store whose writes return once their audit events are *queued* to the log (in commit order
+    /// per task, as in [`Self::new`]). An append that fails is left by the log in a sink this store
+    /// empties before every write: the event goes to the backlog, and from then on writes are refused
+    /// until it is appended (fail closed, as in [`Self::new`], a write or so later). What this trades:
+    /// the returned record carries no `auditSeq`, and a process crash loses the events still queued
+    /// (milliseconds of writes) as well as the one being appended, which [`Self::new`] also loses.
+    /// What it buys: a writer waits neither for the log's commit nor its fsync, so a serial writer
+    /// (the embedded controller) is not held to the log's pace. Call [`Self::settle`] before closing
+    /// the log.
+    pub fn pipelined(inner: DynStore, log: Arc<AuditLog>) -> Arc<Self> {
+        let sink = Arc::new(DetachedFailures::default());
+        Arc::new(Self::build(inner, log, Some(sink)))
+    }
+
+    fn build(inner: DynStore, log: Arc<AuditLog>, detached: Option<Arc<DetachedFailures>>) -> Self {
+        AuditedStore {
             inner,
             log,
             backlog: Mutex::new(VecDeque::new()),
@@ -94,7 +146,62 @@ impl AuditedStore {
             failures: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             known: Mutex::new(HashMap::new()),
-        })
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            detached,
+        }
+    }
+
+    /// Waits until every append queued so far has been committed or has failed (failures are in
+    /// the backlog by then). Immediate for a store made with [`Self::new`].
+    pub async fn settle(&self) {
+        if self.detached.is_none() {
+            return;
+        }
+        // Jobs run in the order they were queued: once this answers, every append before it has.
+        if let Err(e) = self.log.size().await {
+            tracing::debug!(error = %e, "audit log closed while settling");
+        }
+        self.collect_failures();
+    }
+
+    /// Moves the pipelined appends that failed into the backlog.
+    fn collect_failures(&self) {
+        let Some(sink) = &self.detached else { return };
+        if !sink.any() {
+            return;
+        }
+        for (key, event, e) in sink.take() {
+            self.failed(&e, std::iter::once((key, event)));
+        }
+    }
+
+    /// Appends the backlog now; fails while it cannot be emptied.
+    pub async fn retry_backlog(&self) -> Result<(), StoreError> {
+        self.ready().await
+    }
+
+    /// An append that failed after its write committed: counted, logged, kept for retry.
+    fn failed(&self, e: &LogError, events: impl Iterator<Item = (String, AuditEvent)>) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut events = events.peekable();
+        let task = events
+            .peek()
+            .map(|(_, e)| e.task.clone())
+            .unwrap_or_default();
+        self.keep(events);
+        tracing::error!(
+            error = %e,
+            task = %task,
+            "audit append failed after the store write committed; kept for retry"
+        );
+    }
+
+    /// The write lock of task `id`.
+    fn stripe(&self, id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{BuildHasher as _, BuildHasherDefault};
+        let hash =
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id);
+        &self.stripes[(hash % STRIPES as u64) as usize]
     }
 
     pub fn log(&self) -> &Arc<AuditLog> {
@@ -103,11 +210,13 @@ impl AuditedStore {
 
     /// Appends that failed after their write committed (each is retried from the backlog).
     pub fn append_failures(&self) -> u64 {
+        self.collect_failures();
         self.failures.load(Ordering::Relaxed)
     }
 
     /// Events waiting in the backlog.
     pub fn pending(&self) -> usize {
+        self.collect_failures();
         self.backlog_len.load(Ordering::Relaxed)
     }
 
@@ -152,6 +261,7 @@ impl AuditedStore {
 
     /// Retries the backlog; refuses (before any store write) while it cannot be emptied.
     async fn ready(&self) -> Result<(), StoreError> {
+        self.collect_failures();
         if self.backlog_len.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
@@ -185,25 +295,27 @@ impl AuditedStore {
     }
 
     /// Appends `events` in order; returns the seq of the last.
+    /// Appends `events` in order (pipelined: queues them); returns the seq of the last, when known.
     async fn record(&self, events: Vec<(String, AuditEvent)>) -> Result<Option<u64>, StoreError> {
         let mut last = None;
         let mut events = events.into_iter();
         while let Some((key, event)) = events.next() {
-            match self.log.append(key.clone(), event.clone()).await {
-                Ok(a) => last = Some(a.seq),
-                Err(e) => {
-                    self.failures.fetch_add(1, Ordering::Relaxed);
-                    let task = event.task.clone();
-                    self.keep(std::iter::once((key, event)).chain(events));
-                    tracing::error!(
-                        error = %e,
-                        task = %task,
-                        "audit append failed after the store write committed; kept for retry"
-                    );
-                    return Err(StoreError::Backend(format!(
-                        "task {task}: the write committed but its audit record could not be appended (kept for retry): {e}"
-                    )));
+            let task = event.task.clone();
+            let result = match &self.detached {
+                None => self.log.append(key.clone(), event.clone()).await.map(|a| {
+                    last = Some(a.seq);
+                }),
+                Some(sink) => {
+                    self.log
+                        .enqueue_detached(key.clone(), event.clone(), sink)
+                        .await
                 }
+            };
+            if let Err(e) = result {
+                self.failed(&e, std::iter::once((key, event)).chain(events));
+                return Err(StoreError::Backend(format!(
+                    "task {task}: the write committed but its audit record could not be appended (kept for retry): {e}"
+                )));
             }
         }
         Ok(last)
@@ -252,7 +364,7 @@ impl AuditedStore {
         let version = &written.version;
         let mut out = Vec::new();
         if let Some(approval) = &status.approval
-            && prior.approval.as_ref() != Some(approval)
+            && !same_approval(prior.approval.as_ref(), Some(approval))
         {
             let mut e = self.event(EventKind::Approval, &written.id);
             e.from = Some(from);
@@ -265,6 +377,18 @@ impl AuditedStore {
                 "version": version.0,
             });
             out.push((self.key(&written.id, &format!("@{version}/approval")), e));
+        }
+        // A rate limit holding a pending task is a decision too, though the phase stays Pending.
+        if to == TaskPhase::Pending
+            && let Some(held) = super::held_reason(status)
+            && prior.held.as_deref() != Some(held)
+        {
+            let mut e = self.event(EventKind::Decision, &written.id);
+            e.from = Some(from);
+            e.to = Some(to);
+            e.reason = Some(held.to_owned());
+            e.details = json!({ "decision": "held", "version": version.0 });
+            out.push((self.key(&written.id, &format!("@{version}/held")), e));
         }
         if from != to {
             // Admission control's verdict on a pending task is a policy decision; the rest are moves
@@ -308,6 +432,7 @@ impl TaskStore for AuditedStore {
 
     async fn admit(&self, task: NewTask) -> Result<Admission, StoreError> {
         self.ready().await?;
+        let _order = self.stripe(&task.id).lock().await;
         let event = self.admission_event(&task);
         match self.inner.admit(task).await? {
             Admission::Created(mut t) => {
@@ -351,6 +476,7 @@ impl TaskStore for AuditedStore {
         status: AgentTaskStatus,
     ) -> Result<TaskRecord, StoreError> {
         self.ready().await?;
+        let _order = self.stripe(id).lock().await;
         let prior = self.prior(id, expected).await?;
         let mut written = self.inner.update_task_status(id, expected, status).await?;
         // A successful conditional write means the task was at `expected`, which `prior` read.
@@ -358,6 +484,7 @@ impl TaskStore for AuditedStore {
             version: expected.clone(),
             phase: TaskPhase::Pending,
             approval: None,
+            held: None,
         });
         let events = self.status_events(&prior, &written);
         if let Some(seq) = self.record(events).await? {
@@ -369,6 +496,7 @@ impl TaskStore for AuditedStore {
 
     async fn request_cancel(&self, id: &str) -> Result<TaskRecord, StoreError> {
         self.ready().await?;
+        let _order = self.stripe(id).lock().await;
         let mut t = self.inner.request_cancel(id).await?;
         let mut e = self.event(EventKind::Decision, id);
         e.from = Some(t.phase());
@@ -396,6 +524,15 @@ impl TaskStore for AuditedStore {
         self.inner.put_device(name, spec).await
     }
 
+    async fn update_device_spec(
+        &self,
+        name: &str,
+        expected: &Version,
+        spec: EdgeDeviceSpec,
+    ) -> Result<DeviceRecord, StoreError> {
+        self.inner.update_device_spec(name, expected, spec).await
+    }
+
     async fn enroll(&self, enrollment: Enrollment) -> Result<EnrollOutcome, StoreError> {
         self.inner.enroll(enrollment).await
     }
@@ -418,5 +555,145 @@ impl TaskStore for AuditedStore {
 
     fn changes(&self) -> broadcast::Receiver<TaskChanged> {
         self.inner.changes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::checkpoint::Ed25519Signer;
+    use crate::audit::log::AuditLogConfig;
+    use crate::store::sqlite::{Db, SqliteStore};
+    use agentplane_api::intent::{PrivacyLevel, RequiredResources};
+    use agentplane_api::task::{AgentTaskSpec, DeviceRef};
+    use agentplane_api::{Envelope, EnvelopeSignature};
+
+    fn spec() -> AgentTaskSpec {
+        AgentTaskSpec {
+            device_ref: DeviceRef {
+                name: "kiosk".into(),
+            },
+            envelope: Envelope {
+                payload_type: "t".into(),
+                payload: "e30=".into(),
+                signatures: vec![EnvelopeSignature {
+                    keyid: String::new(),
+                    sig: String::new(),
+                }],
+            },
+            user_id: "alice".into(),
+            intent_type: "summarize".into(),
+            privacy_level: PrivacyLevel::Public,
+            required_resources: RequiredResources::default(),
+            cancel: None,
+        }
+    }
+
+    fn sql(path: &std::path::Path, statement: &str) {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(statement)
+            .unwrap();
+    }
+
+    fn to(t: &TaskRecord, phase: TaskPhase) -> AgentTaskStatus {
+        AgentTaskStatus {
+            phase: Some(phase),
+            ..t.status.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_store_finds_failed_appends_late_and_then_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = SqliteStore::new(Db::open(&dir.path().join("db.sqlite")).unwrap(), "ns");
+        inner
+            .put_device(
+                "kiosk",
+                EdgeDeviceSpec {
+                    public_keys: vec![agentplane_api::device::PublicKey {
+                        id: "k1".into(),
+                        alg: agentplane_api::device::KeyAlgorithm::Ed25519,
+                        key: "A".repeat(44),
+                        not_after: None,
+                    }],
+                    owner: "o".into(),
+                    allowed_intents: vec![],
+                    revoked: false,
+                },
+            )
+            .await
+            .unwrap();
+        let path = dir.path().join("audit.sqlite");
+        let log = AuditLog::open(
+            AuditLogConfig::new(&path, "agentplane.dev/audit/ns"),
+            Arc::new(Ed25519Signer::from_seed([5; 32])),
+        )
+        .await
+        .unwrap();
+        let store = AuditedStore::pipelined(inner, log.clone());
+        let Admission::Created(t) = store
+            .admit(NewTask {
+                id: "t1".into(),
+                spec: spec(),
+                seq: 1,
+                trace_id: None,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("not created")
+        };
+        assert_eq!(
+            t.status.audit_seq, None,
+            "pipelined writes do not wait for a seq"
+        );
+        store.settle().await;
+        assert_eq!(log.size().await.unwrap(), 1);
+
+        // Every leaf insert now aborts inside the log's database: the write still succeeds (its
+        // events were queued), the failure is found by the confirmer ...
+        sql(
+            &path,
+            "CREATE TRIGGER refuse BEFORE INSERT ON leaves BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        );
+        let queued = store
+            .update_task_status("t1", &t.version, to(&t, TaskPhase::Queued))
+            .await
+            .unwrap();
+        store.settle().await;
+        assert_eq!((store.append_failures(), store.pending()), (1, 1));
+        // ... and no further write happens while its record is missing.
+        let refused = store
+            .update_task_status("t1", &queued.version, to(&queued, TaskPhase::Running))
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("refusing writes"), "{refused}");
+        assert_eq!(
+            store.get_task("t1").await.unwrap().unwrap().version,
+            queued.version
+        );
+
+        // The fault clears: the backlog goes first, then the new write, in order, without a gap.
+        sql(&path, "DROP TRIGGER refuse;");
+        store
+            .update_task_status("t1", &queued.version, to(&queued, TaskPhase::Running))
+            .await
+            .unwrap();
+        store.settle().await;
+        assert_eq!(store.pending(), 0);
+        let mut phases = Vec::new();
+        for seq in 0..log.size().await.unwrap() {
+            phases.push(log.leaf(seq).await.unwrap().unwrap().event().unwrap().to);
+        }
+        assert_eq!(
+            phases,
+            vec![
+                Some(TaskPhase::Pending),
+                Some(TaskPhase::Queued),
+                Some(TaskPhase::Running)
+            ]
+        );
+        log.close().await.unwrap();
     }
 }

@@ -14,6 +14,7 @@
 //! a second leaf.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -23,57 +24,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::AuditEvent;
 use super::checkpoint::{
-    CheckpointSigner, SignatureAlgorithm, SignedCheckpoint, SignerError, TrustedKey, check_origin,
+    CheckpointSigner, SignedCheckpoint, SignerError, TrustedKey, check_origin,
 };
-use super::merkle::{
-    self, Frontier, Hash, MerkleError, NodeId, decompose, empty_root, fold_right, leaf_hash,
+use super::merkle::{self, Frontier, Hash, MerkleError, decompose, empty_root, leaf_hash};
+use super::schema::{
+    FORMAT, SCHEMA, node, read_checkpoint_rows, read_keys, read_leaf, read_meta, subtree,
 };
-
-/// `meta.format` of a log this code can read.
-pub const FORMAT: &str = "agentplane-audit-log v1";
+use crate::metrics::Metrics;
 
 /// Jobs waiting for the log's thread; senders wait (backpressure) when it is full.
 const JOB_QUEUE_DEPTH: usize = 1024;
 
 /// Most appends committed in one transaction.
 const MAX_BATCH: usize = 256;
-
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
--- seq is the leaf index; data is the canonical JSON of the event, exactly the bytes that are hashed.
-CREATE TABLE IF NOT EXISTS leaves (
-    seq INTEGER PRIMARY KEY,
-    event_key TEXT NOT NULL UNIQUE,
-    data BLOB NOT NULL,
-    hash BLOB NOT NULL
-);
--- Perfect subtrees above the leaves: 2^level leaves starting at leaf idx << level.
-CREATE TABLE IF NOT EXISTS nodes (
-    level INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    hash BLOB NOT NULL,
-    PRIMARY KEY (level, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS keys (
-    key_id TEXT PRIMARY KEY,
-    algorithm TEXT NOT NULL,
-    spki BLOB NOT NULL
-);
--- consistency: the proof (concatenated 32-byte hashes) from the previous checkpoint to this one.
-CREATE TABLE IF NOT EXISTS checkpoints (
-    idx INTEGER PRIMARY KEY,
-    size INTEGER NOT NULL,
-    root BLOB NOT NULL,
-    timestamp_ms INTEGER NOT NULL,
-    key_id TEXT NOT NULL,
-    algorithm TEXT NOT NULL,
-    signature BLOB NOT NULL,
-    consistency BLOB NOT NULL
-);
-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -119,6 +82,13 @@ pub struct AuditLogConfig {
     pub checkpoint_every: u64,
     /// ... or this long after the last one, if any leaf was appended since.
     pub checkpoint_interval: Duration,
+    /// Fsync every append before answering it (`synchronous=FULL`, the default). When false, an
+    /// append is answered once committed to the WAL (`synchronous=NORMAL`): it survives a process
+    /// crash at once, and an OS crash or power cut once a checkpoint covers it, because checkpoints
+    /// are still committed with an fsync of the WAL, which holds every leaf before them. A signed
+    /// checkpoint therefore never outlives the leaves it covers; what an OS crash can lose is the
+    /// tail since the last checkpoint (`checkpoint_every` leaves or `checkpoint_interval` at most).
+    pub fsync_appends: bool,
 }
 
 impl AuditLogConfig {
@@ -128,6 +98,7 @@ impl AuditLogConfig {
             origin: origin.into(),
             checkpoint_every: 256,
             checkpoint_interval: Duration::from_secs(10),
+            fsync_appends: true,
         }
     }
 }
@@ -156,11 +127,64 @@ impl Leaf {
 
 type Call = Box<dyn FnOnce(&mut State) + Send>;
 
+/// Who hears how an append went.
+enum Reply {
+    /// The caller waits for the result.
+    Wait(oneshot::Sender<Result<Appended, LogError>>),
+    /// Nobody waits; a failure is left in the sink for the caller to collect.
+    Detached(Arc<DetachedFailures>),
+}
+
+impl Reply {
+    fn send(self, key: String, event: AuditEvent, result: Result<Appended, LogError>) {
+        match self {
+            // The caller may have gone away; the result is then dropped.
+            Reply::Wait(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Detached(sink) => {
+                if let Err(e) = result {
+                    sink.push(key, event, e);
+                }
+            }
+        }
+    }
+}
+
+/// Appends queued with [`AuditLog::enqueue_detached`] that failed, waiting to be collected.
+#[derive(Default)]
+pub struct DetachedFailures {
+    failed: std::sync::Mutex<Vec<(String, AuditEvent, LogError)>>,
+    count: AtomicU64,
+}
+
+impl DetachedFailures {
+    fn push(&self, key: String, event: AuditEvent, error: LogError) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key, event, error));
+        self.count.fetch_add(1, Ordering::Release);
+    }
+
+    /// Whether failures are waiting (cheap: one atomic load).
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+
+    /// Takes the failures collected so far, in the order the appends were queued.
+    pub fn take(&self) -> Vec<(String, AuditEvent, LogError)> {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        self.count.store(0, Ordering::Release);
+        std::mem::take(&mut *failed)
+    }
+}
+
 enum Job {
     Append {
         key: String,
         event: AuditEvent,
-        reply: oneshot::Sender<Result<Appended, LogError>>,
+        reply: Reply,
     },
     Call(Call),
     /// Closes the database and stops the thread; answered once the connection is closed.
@@ -174,7 +198,11 @@ struct State {
     frontier: Frontier,
     last_checkpoint: Option<SignedCheckpoint>,
     since_checkpoint: u64,
+    fsync_appends: bool,
     checkpoint_every: u64,
+    /// Counts appends in the log's metrics, once attached (answered appends are counted here, on
+    /// the log's thread, whether or not anyone waits for them).
+    counter: Arc<AppendCounter>,
     due: Arc<Notify>,
 }
 
@@ -188,6 +216,41 @@ pub struct AuditLog {
     /// One checkpoint at a time: each is signed over the head it read and stored with the next index.
     checkpointing: tokio::sync::Mutex<()>,
     stop: CancellationToken,
+    /// Where appends, failures, the size and checkpoints are counted, once attached.
+    counter: Arc<AppendCounter>,
+}
+
+/// Counts appends in the metrics attached to a log (shared with [`QueuedAppend`]s).
+#[derive(Default)]
+struct AppendCounter {
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
+    /// The largest size reported to `agentplane_audit_log_size`.
+    size_seen: AtomicU64,
+}
+
+impl AppendCounter {
+    fn set_size(&self, metrics: &Metrics, size: u64) {
+        // Leaves are appended in seq order, but concurrent callers may report out of order: never
+        // move the gauge backwards.
+        let size = self.size_seen.fetch_max(size, Ordering::Relaxed).max(size);
+        metrics.set_gauge(
+            "agentplane_audit_log_size",
+            &[],
+            i64::try_from(size).unwrap_or(i64::MAX),
+        );
+    }
+
+    fn count(&self, result: &Result<Appended, LogError>) {
+        let Some(m) = self.metrics.get() else { return };
+        match result {
+            Ok(a) if a.new => {
+                m.inc("agentplane_audit_appends_total", &[]);
+                self.set_size(m, a.seq.saturating_add(1));
+            }
+            Ok(_) => {}
+            Err(_) => m.inc("agentplane_audit_append_failures_total", &[]),
+        }
+    }
 }
 
 impl Drop for AuditLog {
@@ -215,6 +278,9 @@ impl AuditLog {
                     reason: e.to_string(),
                 })??
         };
+        let counter = Arc::new(AppendCounter::default());
+        let mut state = state;
+        state.counter = counter.clone();
         let (jobs, rx) = mpsc::channel::<Job>(JOB_QUEUE_DEPTH);
         std::thread::Builder::new()
             .name("agentplane-audit".into())
@@ -230,6 +296,7 @@ impl AuditLog {
             signer,
             checkpointing: tokio::sync::Mutex::new(()),
             stop: CancellationToken::new(),
+            counter,
         });
         spawn_checkpointer(
             Arc::downgrade(&log),
@@ -250,6 +317,17 @@ impl AuditLog {
 
     pub fn public_key(&self) -> &TrustedKey {
         self.signer.public_key()
+    }
+
+    /// Counts this log's appends (`agentplane_audit_appends_total`, new leaves only), failed appends
+    /// (`agentplane_audit_append_failures_total`), its size (`agentplane_audit_log_size`) and signed
+    /// checkpoints (`agentplane_audit_checkpoints_total`) in `metrics` from now on. The first call
+    /// wins; the size is sampled now so the gauge is right before the first append.
+    pub async fn attach_metrics(&self, metrics: Arc<Metrics>) -> Result<(), LogError> {
+        let metrics = self.counter.metrics.get_or_init(|| metrics).clone();
+        let size = self.size().await?;
+        self.counter.set_size(&metrics, size);
+        Ok(())
     }
 
     async fn call<T, F>(&self, f: F) -> Result<T, LogError>
@@ -276,16 +354,37 @@ impl AuditLog {
         key: impl Into<String>,
         event: AuditEvent,
     ) -> Result<Appended, LogError> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Append {
-                key: key.into(),
-                event,
-                reply,
-            })
+        let (tx, rx) = oneshot::channel();
+        self.send_append(key.into(), event, Reply::Wait(tx)).await?;
+        rx.await.unwrap_or(Err(LogError::Closed))
+    }
+
+    /// Queues an append and returns without waiting for it: appends are committed in the order they
+    /// were queued, and every job queued after this one (a checkpoint, [`Self::size`],
+    /// [`Self::close`]) runs after it. If it fails, the event and the error are left in `failures`.
+    /// Waits only while the queue is full; fails only when the log is closed.
+    pub async fn enqueue_detached(
+        &self,
+        key: impl Into<String>,
+        event: AuditEvent,
+        failures: &Arc<DetachedFailures>,
+    ) -> Result<(), LogError> {
+        self.send_append(key.into(), event, Reply::Detached(failures.clone()))
             .await
-            .map_err(|_| LogError::Closed)?;
-        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn send_append(
+        &self,
+        key: String,
+        event: AuditEvent,
+        reply: Reply,
+    ) -> Result<(), LogError> {
+        let sent = self.jobs.send(Job::Append { key, event, reply }).await;
+        if sent.is_err() {
+            self.counter.count(&Err(LogError::Closed));
+            return Err(LogError::Closed);
+        }
+        Ok(())
     }
 
     /// Stops the checkpoint timer and closes the database (after the jobs queued before this call).
@@ -407,6 +506,9 @@ impl AuditLog {
         let stored = cp.clone();
         self.call(move |s| store_checkpoint(s, stored, &head.consistency))
             .await?;
+        if let Some(m) = self.counter.metrics.get() {
+            m.inc("agentplane_audit_checkpoints_total", &[]);
+        }
         tracing::debug!(index = cp.index, size = cp.size, "audit checkpoint signed");
         Ok(cp)
     }
@@ -459,9 +561,15 @@ fn open_state(
     }
     let mut conn = Connection::open(&config.path).map_err(|e| open_err(&e))?;
     // FULL: every commit fsyncs the WAL, so an acknowledged leaf survives an OS crash or power cut,
-    // not only a process crash (the task store's NORMAL). Audit evidence is worth the fsync.
+    // not only a process crash (the task store's NORMAL). Audit evidence is worth the fsync, unless
+    // the caller chose to fsync at checkpoints only (`fsync_appends`).
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    let synchronous = if config.fsync_appends {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     {
         let tx = conn.transaction()?;
@@ -557,7 +665,9 @@ fn open_state(
         frontier,
         last_checkpoint,
         since_checkpoint,
+        fsync_appends: config.fsync_appends,
         checkpoint_every: config.checkpoint_every.max(1),
+        counter: Arc::new(AppendCounter::default()),
         due,
     })
 }
@@ -606,17 +716,13 @@ fn run_thread(mut state: State, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-type Pending = (
-    String,
-    AuditEvent,
-    oneshot::Sender<Result<Appended, LogError>>,
-);
+type Pending = (String, AuditEvent, Reply);
 
 fn append_batch(state: &mut State, batch: Vec<Pending>) {
     let mut frontier = state.frontier.clone();
     let mut results = Vec::with_capacity(batch.len());
     // Replies are set aside first: every caller gets an answer, even when the batch fails half-way.
-    let (items, replies): (Vec<_>, Vec<_>) = batch
+    let (mut items, replies): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|(key, event, reply)| ((key, event), reply))
         .unzip();
@@ -630,9 +736,10 @@ fn append_batch(state: &mut State, batch: Vec<Pending>) {
             )?;
             let mut insert_node =
                 tx.prepare_cached("INSERT INTO nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
-            for (key, mut event) in items {
+            // By reference: a detached append that fails hands its event back.
+            for (key, event) in items.iter_mut() {
                 if let Some(seq) = existing
-                    .query_row([&key], |r| r.get::<_, i64>(0))
+                    .query_row([&*key], |r| r.get::<_, i64>(0))
                     .optional()?
                 {
                     results.push(Appended {
@@ -647,7 +754,7 @@ fn append_batch(state: &mut State, batch: Vec<Pending>) {
                     .to_leaf()
                     .map_err(|e| LogError::Encode(e.to_string()))?;
                 let hash = leaf_hash(&data);
-                insert_leaf.execute(params![seq as i64, key, data, &hash[..]])?;
+                insert_leaf.execute(params![seq as i64, &*key, data, &hash[..]])?;
                 for (id, h) in frontier.push(hash) {
                     insert_node.execute(params![id.level, id.index as i64, &h[..]])?;
                 }
@@ -665,15 +772,19 @@ fn append_batch(state: &mut State, batch: Vec<Pending>) {
             if state.since_checkpoint >= state.checkpoint_every {
                 state.due.notify_one();
             }
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(Ok(result));
+            for (((key, event), reply), result) in items.into_iter().zip(replies).zip(results) {
+                let result = Ok(result);
+                state.counter.count(&result);
+                reply.send(key, event, result);
             }
         }
         Err(e) => {
             // The transaction rolled back: nothing of the batch is stored and the frontier is unchanged.
             let msg = e.to_string();
-            for reply in replies {
-                let _ = reply.send(Err(LogError::Sql(msg.clone())));
+            for ((key, event), reply) in items.into_iter().zip(replies) {
+                let result = Err(LogError::Sql(msg.clone()));
+                state.counter.count(&result);
+                reply.send(key, event, result);
             }
         }
     }
@@ -713,7 +824,13 @@ fn store_checkpoint(
     consistency: &[Hash],
 ) -> Result<(), LogError> {
     let proof: Vec<u8> = consistency.iter().flatten().copied().collect();
-    state.conn.execute(
+    // With appends committed unsynced, the checkpoint's commit is the one that fsyncs the WAL (and
+    // with it every leaf the checkpoint covers).
+    let full_for_this = !state.fsync_appends;
+    if full_for_this {
+        state.conn.pragma_update(None, "synchronous", "FULL")?;
+    }
+    let inserted = state.conn.execute(
         "INSERT INTO checkpoints (idx, size, root, timestamp_ms, key_id, algorithm, signature, consistency)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
@@ -726,161 +843,14 @@ fn store_checkpoint(
             cp.signature,
             proof,
         ],
-    )?;
+    );
+    if full_for_this {
+        state.conn.pragma_update(None, "synchronous", "NORMAL")?;
+    }
+    inserted?;
     state.since_checkpoint = state.frontier.size() - cp.size;
     state.last_checkpoint = Some(cp);
     Ok(())
-}
-
-pub(crate) fn read_meta(conn: &Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
-    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
-}
-
-/// One perfect subtree's hash: level 0 from the leaves, above from the nodes table.
-fn node(conn: &Connection, id: NodeId) -> Result<Hash, LogError> {
-    let blob: Option<Vec<u8>> = if id.level == 0 {
-        conn.prepare_cached("SELECT hash FROM leaves WHERE seq = ?1")?
-            .query_row([id.index as i64], |r| r.get(0))
-            .optional()?
-    } else {
-        conn.prepare_cached("SELECT hash FROM nodes WHERE level = ?1 AND idx = ?2")?
-            .query_row(params![id.level, id.index as i64], |r| r.get(0))
-            .optional()?
-    };
-    blob.and_then(|b| <Hash>::try_from(b).ok()).ok_or_else(|| {
-        LogError::Corrupt(format!(
-            "tree node (level {}, index {}) is missing or malformed",
-            id.level, id.index
-        ))
-    })
-}
-
-/// MTH(D[start:end]) from stored nodes, for the ranges the RFC recursion asks for.
-fn subtree(conn: &Connection, start: u64, end: u64) -> Result<Hash, LogError> {
-    if start >= end {
-        return Err(MerkleError::BadRange { start, end }.into());
-    }
-    let hashes = decompose(start, end)
-        .into_iter()
-        .map(|id| node(conn, id))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(fold_right(&hashes))
-}
-
-fn read_leaf(conn: &Connection, seq: u64) -> Result<Option<Leaf>, LogError> {
-    let row: Option<(Vec<u8>, Vec<u8>)> = conn
-        .query_row(
-            "SELECT data, hash FROM leaves WHERE seq = ?1",
-            [seq as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    row.map(|(data, hash)| {
-        let hash = <Hash>::try_from(hash)
-            .map_err(|_| LogError::Corrupt(format!("leaf {seq}: stored hash is not 32 bytes")))?;
-        Ok(Leaf { seq, data, hash })
-    })
-    .transpose()
-}
-
-/// The keys the log holds, as recorded (each checked to parse and to match its id).
-pub(crate) fn read_keys(conn: &Connection) -> Result<Vec<TrustedKey>, LogError> {
-    let mut stmt = conn.prepare("SELECT key_id, spki FROM keys ORDER BY key_id")?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(id, der)| {
-            let key = TrustedKey::from_spki_der(&der)
-                .map_err(|e| LogError::Corrupt(format!("key {id}: {e}")))?;
-            if key.key_id() != id {
-                return Err(LogError::Corrupt(format!(
-                    "key {id}: stored under the wrong id (its id is {})",
-                    key.key_id()
-                )));
-            }
-            Ok(key)
-        })
-        .collect()
-}
-
-/// A checkpoint row as stored, before any checking.
-pub(crate) struct CheckpointRow {
-    pub idx: i64,
-    pub size: i64,
-    pub root: Vec<u8>,
-    pub timestamp_ms: i64,
-    pub key_id: String,
-    pub algorithm: String,
-    pub signature: Vec<u8>,
-    pub consistency: Vec<u8>,
-}
-
-impl CheckpointRow {
-    /// Decodes the row; the error says what is malformed.
-    pub fn decode(self, origin: &str) -> Result<(SignedCheckpoint, Vec<Hash>), String> {
-        let index = u64::try_from(self.idx).map_err(|_| "negative index".to_string())?;
-        let size = u64::try_from(self.size).map_err(|_| "negative size".to_string())?;
-        let root = <Hash>::try_from(self.root)
-            .map_err(|r| format!("root is {} bytes, not 32", r.len()))?;
-        let algorithm = match self.algorithm.as_str() {
-            "ed25519" => SignatureAlgorithm::Ed25519,
-            "ecdsa-p256-sha256" => SignatureAlgorithm::EcdsaP256Sha256,
-            other => return Err(format!("unknown signature algorithm {other:?}")),
-        };
-        if !self.consistency.len().is_multiple_of(32)
-            || self.consistency.len() / 32 > merkle::MAX_PROOF_LEN
-        {
-            return Err("consistency proof is not a list of hashes".into());
-        }
-        let consistency = self
-            .consistency
-            .chunks_exact(32)
-            .map(|c| {
-                let mut h = [0u8; 32];
-                h.copy_from_slice(c);
-                h
-            })
-            .collect();
-        Ok((
-            SignedCheckpoint {
-                index,
-                origin: origin.to_owned(),
-                size,
-                root,
-                timestamp_ms: self.timestamp_ms,
-                key_id: self.key_id,
-                algorithm,
-                signature: self.signature,
-            },
-            consistency,
-        ))
-    }
-}
-
-pub(crate) fn read_checkpoint_rows(conn: &Connection) -> Result<Vec<CheckpointRow>, LogError> {
-    let mut stmt = conn.prepare(
-        "SELECT idx, size, root, timestamp_ms, key_id, algorithm, signature, consistency
-             FROM checkpoints ORDER BY idx",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(CheckpointRow {
-                idx: r.get(0)?,
-                size: r.get(1)?,
-                root: r.get(2)?,
-                timestamp_ms: r.get(3)?,
-                key_id: r.get(4)?,
-                algorithm: r.get(5)?,
-                signature: r.get(6)?,
-                consistency: r.get(7)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! ([`checkpoint`]) commit to the tree head: Ed25519 with a local key in `agentplane dev`, KMS
 //! ECC_NIST_P256 in the distributed mode. [`verify`] checks a log file offline, and `agentplane audit`
 //! ([`cli`]) exposes verification, inclusion proofs and export. [`AuditedStore`] wraps a task store so
-//! every transition the runtime writes is recorded.
+//! every transition the runtime writes is recorded (the embedded runtime); in the distributed runtime
+//! the operator leader records every task state it observes instead ([`observer`]), since several
+//! processes write status there.
 //!
 //! A leaf is the canonical JSON of an [`AuditEvent`]: keys sorted, no insignificant whitespace, so the
 //! same event always hashes the same way. The stored bytes are what is hashed; readers never
@@ -18,6 +20,8 @@ pub mod cli;
 pub mod encoding;
 pub mod log;
 pub mod merkle;
+pub mod observer;
+mod schema;
 pub mod verify;
 
 pub use audited_store::AuditedStore;
@@ -25,9 +29,11 @@ pub use checkpoint::{
     CheckpointSigner, Ed25519Signer, KmsSigner, SignedCheckpoint, SignerError, TrustedKey,
 };
 pub use log::{Appended, AuditLog, AuditLogConfig, LogError};
+pub use observer::{ObservedStore, TaskObserver};
 pub use verify::{Problem, VerifyError, VerifyOptions, VerifyReport, verify_log};
 
 use agentplane_api::TaskPhase;
+use agentplane_api::task::AgentTaskStatus;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +110,19 @@ impl AuditEvent {
     pub fn from_leaf(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
+}
+
+/// Why admission control holds a pending task (its `Admitted=False` condition's message), if it does.
+/// A denial also sets `Admitted=False`, but a denied task is no longer Pending.
+pub(crate) fn held_reason(status: &AgentTaskStatus) -> Option<&str> {
+    if status.phase() != TaskPhase::Pending {
+        return None;
+    }
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::store::CONDITION_ADMITTED && c.status == "False")
+        .map(|c| c.message.as_str())
 }
 
 /// Serialises a JSON value with object keys sorted (by bytes) and no whitespace. Numbers and strings use

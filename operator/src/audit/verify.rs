@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use super::AuditEvent;
 use super::checkpoint::{SignedCheckpoint, TrustedKey};
-use super::log::{FORMAT, read_checkpoint_rows, read_keys, read_meta};
 use super::merkle::{self, Frontier, Hash, empty_root, leaf_hash, verify_consistency};
+use super::schema::{FORMAT, read_checkpoint_rows, read_keys, read_meta};
 
 /// The first thing wrong with a log, by position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -27,6 +27,7 @@ use jiff::Timestamp;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 use crate::policy::ledger::{admission_condition, set_condition};
@@ -36,6 +37,7 @@ use crate::queue::{
     TaskRef,
 };
 use crate::store::{DynStore, StoreError, TaskRecord, TaskStore, write_status};
+use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -372,9 +374,15 @@ async fn enqueue(
         tier: tier.name.clone(),
         attempt: 0,
     };
+    // The controller's hop of the task's trace: the message carries this span's context, so the
+    // worker's handling is its child.
+    let span = tracing::info_span!("controller.enqueue", otel.kind = "producer", task = %task.id);
     let mut attributes = BTreeMap::from([(ATTR_TASK_ID.to_owned(), task.id.clone())]);
     if let Some(trace_id) = &task.status.trace_id {
-        attributes.insert(ATTR_TRACEPARENT.to_owned(), traceparent(trace_id));
+        telemetry::join_trace(&span, trace_id, None);
+        if let Some(tp) = telemetry::hop_traceparent(&span, trace_id) {
+            attributes.insert(ATTR_TRACEPARENT.to_owned(), tp);
+        }
     }
     let message_id = queue
         .send(Outgoing {
@@ -383,6 +391,7 @@ async fn enqueue(
             group_id: Some(task.spec.device_ref.name.clone()),
             dedup_id: Some(task.id.clone()),
         })
+        .instrument(span)
         .await?;
     let status = AgentTaskStatus {
         phase: Some(TaskPhase::Queued),
@@ -395,12 +404,6 @@ async fn enqueue(
     };
     write_status(store, task, status).await?;
     Ok(Outcome::Moved(TaskPhase::Queued))
-}
-
-/// A child span context under the task's trace: the controller's hop of the W3C trace.
-fn traceparent(trace_id: &str) -> String {
-    let span = uuid::Uuid::new_v4().simple().to_string();
-    format!("00-{trace_id}-{}-01", &span[..16])
 }
 
 async fn deny(
@@ -530,6 +533,7 @@ impl Controller {
                 _ = sleep_until(wake), if wake.is_some() => self.fire_due(&mut state).await,
                 ev = changes.recv() => match ev {
                     Ok(ev) => {
+                        self.metrics.observe_task_phase(&ev.id, ev.phase);
                         state.ledger.observe(&ev.task, state.policy.as_ref(), Timestamp::now());
                         if interesting(ev.phase, ev.cancel_requested) {
                             self.reconcile_one(&mut state, &ev.task).await;
@@ -577,6 +581,9 @@ impl Controller {
     async fn rebuild(&self, state: &mut State) -> Result<(), StoreError> {
         let policy = self.store.get_policy().await?;
         let tasks = self.store.list_tasks().await?;
+        for t in &tasks {
+            self.metrics.observe_task_phase(&t.id, t.phase());
+        }
         state.ledger = Ledger::rebuild(&tasks, policy.as_ref(), Timestamp::now());
         state.policy = policy;
         tracing::debug!(
@@ -635,8 +642,19 @@ impl Controller {
     }
 
     async fn reconcile_one(&self, state: &mut State, task: &TaskRecord) {
-        let result =
-            reconcile_with_ledger(&*self.store, &*self.queue, task, &mut state.ledger).await;
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("controller.reconcile", task = %task.id);
+        if let Some(trace_id) = &task.status.trace_id {
+            telemetry::join_trace(&span, trace_id, None);
+        }
+        let result = reconcile_with_ledger(&*self.store, &*self.queue, task, &mut state.ledger)
+            .instrument(span)
+            .await;
+        self.metrics.observe(
+            "agentplane_reconcile_seconds",
+            &[],
+            started.elapsed().as_secs_f64(),
+        );
         if let Ok((_, Some(d))) = &result {
             self.metrics.inc(
                 "agentplane_admission_decisions_total",

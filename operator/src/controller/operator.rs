@@ -23,11 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{ControllerError, Outcome, governs, reconcile, reconcile_with_ledger};
+use crate::audit::{LogError, ObservedStore, TaskObserver};
 use crate::metrics::Metrics;
 use crate::policy::ledger::Ledger;
 use crate::queue::DynQueue;
 use crate::store::kubernetes::{FINALIZER, KubeStore, task_record};
-use crate::store::{StoreError, TaskStore};
+use crate::store::{DynStore, StoreError, TaskStore};
 use crate::telemetry;
 
 #[derive(Clone, Debug)]
@@ -44,6 +45,9 @@ pub struct OperatorConfig {
     /// Seconds a Lease stays valid without renewal, and how long before expiry the holder renews.
     pub lease_duration_secs: u64,
     pub lease_grace_secs: u64,
+    /// Records every task state this replica observes while leading, and its own writes (see
+    /// `audit::observer`). `None`: no audit log.
+    pub audit: Option<Arc<TaskObserver>>,
 }
 
 impl Default for OperatorConfig {
@@ -56,6 +60,7 @@ impl Default for OperatorConfig {
             identity: format!("agentplane-operator-{}", uuid::Uuid::new_v4().simple()),
             lease_duration_secs: 15,
             lease_grace_secs: 5,
+            audit: None,
         }
     }
 }
@@ -78,6 +83,9 @@ struct Context {
     /// take it in turn; without rate limits or budgets nothing waits for it.
     ledger: tokio::sync::Mutex<Ledger>,
     store: Arc<KubeStore>,
+    /// What reconciles write through: `store`, or `store` with every write recorded in the audit log.
+    writes: DynStore,
+    audit: Option<Arc<TaskObserver>>,
     queue: DynQueue,
     metrics: Arc<Metrics>,
     recorder: Recorder,
@@ -90,6 +98,8 @@ enum ReconcileError {
     Controller(#[from] ControllerError),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("recording in the audit log: {0}")]
+    Audit(#[from] LogError),
 }
 
 /// Runs the operator until `shutdown`: waits for leadership, reconciles while leading, stops the
@@ -126,9 +136,15 @@ pub async fn run(
         controller: "agentplane-operator".into(),
         instance: Some(config.identity.clone()),
     };
+    let writes: DynStore = match &config.audit {
+        Some(observer) => ObservedStore::new(store.clone(), observer.clone()),
+        None => store.clone(),
+    };
     let ctx = Arc::new(Context {
         ledger: tokio::sync::Mutex::new(Ledger::default()),
         store,
+        writes,
+        audit: config.audit.clone(),
         queue,
         metrics: metrics.clone(),
         recorder: Recorder::new(client, reporter),
@@ -279,7 +295,11 @@ fn reconcile_span(obj: &AgentTask) -> tracing::Span {
 
 async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError> {
     let task = task_record(obj);
-    let store: &dyn TaskStore = &*ctx.store;
+    // Recorded before acting: a log that cannot record stops decisions too (fails closed).
+    if let Some(audit) = &ctx.audit {
+        audit.observe(&task).await?;
+    }
+    let store: &dyn TaskStore = &*ctx.writes;
     let governed = task.phase() == TaskPhase::Pending
         && governs(
             store
@@ -333,6 +353,10 @@ async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError>
 /// the worker that receives it (the task is gone).
 async fn cleanup(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError> {
     let task = task_record(obj);
+    // The finalizer stays until the last state is recorded.
+    if let Some(audit) = &ctx.audit {
+        audit.observe(&task).await?;
+    }
     let phase = task.phase();
     if !phase.is_terminal() {
         tracing::info!(task = %task.id, %phase, "task deleted before it finished");

@@ -20,6 +20,7 @@ use axum::response::sse::{Event, KeepAlive, KeepAliveStream, Sse};
 use axum::response::{IntoResponse, Response};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument as _;
 
 use super::AppState;
 use super::auth::{Principal, authenticate};
@@ -35,7 +36,10 @@ use crate::store::{
 const MAX_COMMENT_BYTES: usize = 1024;
 
 /// Checks the content type and turns body-read failures into JSON errors.
-fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn json_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
     let ct = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -61,7 +65,7 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
     })
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         let code = if e.is_data() {
             "invalid_request"
@@ -107,7 +111,15 @@ pub async fn submit_intent(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match submit(&state, &headers, body).await {
+    // The gateway's hop of the trace begun at the edge: a child of the request's `traceparent`. The
+    // kube store writes this span's context into the AgentTask's annotation at admission.
+    let span = tracing::info_span!(
+        "gateway.submit",
+        otel.kind = "server",
+        task = tracing::field::Empty
+    );
+    crate::telemetry::set_parent_from_headers(&span, &headers);
+    match submit(&state, &headers, body).instrument(span).await {
         Ok((resp, outcome)) => {
             state
                 .metrics
@@ -151,9 +163,12 @@ async fn submit(
     let keys = device.spec.device_keys()?;
     let verified = envelope.verify(&device.name, &keys, jiff::Timestamp::now())?;
     let payload = verified.payload;
+    tracing::Span::current().record("task", payload.task_id.as_str());
     let spec = AgentTaskSpec::for_payload(envelope, &payload);
-    let trace_id =
-        trace_id_from(headers).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    // The edge's trace id; a request without one starts its trace here (at this span when traced).
+    let trace_id = trace_id_from(headers)
+        .or_else(|| crate::telemetry::trace_id_of(&tracing::Span::current()))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let admission = state
         .store
         .admit(NewTask {

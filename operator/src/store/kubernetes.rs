@@ -556,6 +556,32 @@ impl TaskStore for KubeStore {
         Ok(device_record(&obj))
     }
 
+    async fn update_device_spec(
+        &self,
+        name: &str,
+        expected: &Version,
+        spec: EdgeDeviceSpec,
+    ) -> Result<DeviceRecord, StoreError> {
+        // A merge patch replaces lists whole, and the resourceVersion makes it conditional.
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": expected.0 },
+            "spec": spec,
+        });
+        match self
+            .devices
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(obj) => Ok(device_record(&obj)),
+            Err(e) if is_status(&e, kube::core::Status::is_conflict) => Err(StoreError::Conflict {
+                kind: "EdgeDevice",
+                id: name.to_owned(),
+                expected: expected.0.clone(),
+            }),
+            Err(e) => Err(api_error("EdgeDevice", name, e)),
+        }
+    }
+
     async fn enroll(&self, e: Enrollment) -> Result<EnrollOutcome, StoreError> {
         for _ in 0..CAS_ATTEMPTS {
             let (version, mut tokens) = self.join_tokens().await?;

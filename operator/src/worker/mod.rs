@@ -13,11 +13,16 @@ use std::time::Duration;
 use agentplane_api::TaskPhase;
 use agentplane_api::task::{AgentTaskStatus, QueueStatus, Usage};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 use crate::models::{ModelCall, ModelClient, ModelError, idempotency_key};
 use crate::queue::{ATTR_TRACEPARENT, Delivery, DynQueue, LeaseId, QueueError, QueueMessage};
 use crate::store::{DynStore, StoreError, TaskRecord, write_status};
+use crate::telemetry;
+
+/// How often the queue depth gauge is refreshed.
+const QUEUE_DEPTH_SAMPLE: Duration = Duration::from_secs(5);
 
 /// Most messages one receive asks for (SQS's ReceiveMessage limit).
 pub const MAX_RECEIVE_BATCH: usize = 10;
@@ -92,6 +97,9 @@ impl Worker {
         let w = self.clone();
         let s = shutdown.clone();
         tasks.spawn(async move { w.reap_dead_letters(s).await });
+        let w = self.clone();
+        let s = shutdown.clone();
+        tasks.spawn(async move { w.sample_queue_depth(s).await });
         while tasks.join_next().await.is_some() {}
         tracing::info!("worker stopped");
     }
@@ -168,8 +176,22 @@ impl Worker {
         while running.join_next().await.is_some() {}
     }
 
-    /// Handles one delivery.
+    /// Handles one delivery, in a span that is a child of the message's `traceparent` (the
+    /// controller's hop of the task's trace).
     pub async fn handle(&self, d: &Delivery) -> Result<Handled, WorkerError> {
+        let span = tracing::info_span!(
+            "worker.handle",
+            otel.kind = "consumer",
+            message = %d.message_id,
+            receive_count = d.receive_count,
+        );
+        if let Some(tp) = d.attributes.get(ATTR_TRACEPARENT) {
+            telemetry::set_remote_parent(&span, tp);
+        }
+        self.handle_delivery(d).instrument(span).await
+    }
+
+    async fn handle_delivery(&self, d: &Delivery) -> Result<Handled, WorkerError> {
         let msg: QueueMessage = match serde_json::from_str(&d.body) {
             Ok(m) => m,
             Err(e) => {
@@ -319,19 +341,37 @@ impl Worker {
         ));
         // Step 1 is the task's one model call; every attempt at it carries the same key.
         let step_key = idempotency_key(&running.id, 1);
+        // The model call's own span; the endpoint gets its context as `traceparent`.
+        let call_span =
+            tracing::info_span!("worker.model_call", otel.kind = "client", tier = %tier.name);
+        let traceparent = d
+            .attributes
+            .get(ATTR_TRACEPARENT)
+            .and_then(|tp| telemetry::trace_id_in(tp))
+            .or_else(|| running.status.trace_id.clone())
+            .and_then(|trace_id| telemetry::hop_traceparent(&call_span, &trace_id));
         let model_call = ModelCall {
             tier: &tier,
             prompt: &payload.intent.prompt,
             params: &payload.intent.params,
             idempotency_key: &step_key,
-            traceparent: d.attributes.get(ATTR_TRACEPARENT).map(String::as_str),
+            traceparent: traceparent.as_deref(),
         };
         let call =
-            tokio::time::timeout(self.config.call_timeout, self.models.complete(&model_call));
+            tokio::time::timeout(self.config.call_timeout, self.models.complete(&model_call))
+                .instrument(call_span);
+        let call_started = std::time::Instant::now();
         let result = tokio::select! {
             r = call => Some(r),
             _ = stop.cancelled() => None,
         };
+        if result.is_some() {
+            self.metrics.observe(
+                "agentplane_model_call_seconds",
+                &[("tier", &tier.name)],
+                call_started.elapsed().as_secs_f64(),
+            );
+        }
         heartbeat.abort();
 
         let completion = match result {
@@ -373,19 +413,32 @@ impl Worker {
             "agentplane_model_calls_total",
             &[("tier", &tier.name), ("outcome", "ok")],
         );
-        self.metrics.add(
-            "agentplane_model_tokens_total",
-            &[("tier", &tier.name), ("direction", "input")],
-            usage.input_tokens,
-        );
-        self.metrics.add(
-            "agentplane_model_tokens_total",
-            &[("tier", &tier.name), ("direction", "output")],
-            usage.output_tokens,
-        );
+        let namespace = self.store.namespace().to_owned();
+        let model = tier.model.clone().unwrap_or_else(|| tier.name.clone());
+        let by = |direction: &'static str| {
+            [
+                ("tier", tier.name.clone()),
+                ("model", model.clone()),
+                ("namespace", namespace.clone()),
+                ("direction", direction.to_owned()),
+            ]
+        };
+        for (direction, n) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            let labels = by(direction);
+            let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            self.metrics
+                .add("agentplane_model_tokens_total", &labels, n);
+        }
         self.metrics.add(
             "agentplane_cost_micros_total",
-            &[("tier", &tier.name)],
+            &[
+                ("tier", &tier.name),
+                ("model", &model),
+                ("namespace", &namespace),
+            ],
             usage.cost_micros,
         );
 
@@ -503,6 +556,26 @@ impl Worker {
     }
 
     /// Drains the dead-letter queue: each message's task ends Failed with the last recorded error.
+    /// Publishes the queue's depth (what KEDA scales on) as a gauge, every few seconds.
+    async fn sample_queue_depth(&self, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(QUEUE_DEPTH_SAMPLE);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            match self.queue.depth().await {
+                Ok(n) => self.metrics.set_gauge(
+                    "agentplane_queue_depth",
+                    &[],
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                ),
+                Err(e) => tracing::debug!(error = %e, "could not sample the queue depth"),
+            }
+        }
+    }
+
     async fn reap_dead_letters(&self, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             let received = tokio::select! {

@@ -40,6 +40,10 @@ pub struct Cluster {
     pub dlq: Arc<SqsQueue>,
     pub logs: tempfile::TempDir,
     pub gateway: Option<Proc>,
+    /// Extra environment for the components started from now on (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
+    /// The gateway's base URL once `start_gateway` has run.
+    pub gateway_url: Option<String>,
 }
 
 /// A running component; killed (SIGKILL) on drop.
@@ -171,6 +175,8 @@ impl Cluster {
             namespace,
             logs: tempfile::tempdir().unwrap(),
             gateway: None,
+            env: Vec::new(),
+            gateway_url: None,
         }
     }
 
@@ -191,6 +197,7 @@ impl Cluster {
             .env("AGENTPLANE_QUEUE_URL", self.queue.url())
             .env("AGENTPLANE_DLQ_URL", self.dlq.url())
             .kill_on_drop(true);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         for (k, v) in extra {
             cmd.env(k, v);
         }
@@ -278,6 +285,7 @@ impl Cluster {
             log,
             metrics,
         });
+        self.gateway_url = Some(url.clone());
         GatewayClient::new(&url)
     }
 
