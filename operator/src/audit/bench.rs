@@ -154,22 +154,4 @@ mod tests {
         assert!(b.per_event > Duration::ZERO);
         assert!(b.to_string().contains("60 events"));
     }
-
-    /// `cargo test -p agentplane --lib audit::bench -- --ignored --nocapture` prints the figures.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a measurement, not a check"]
-    async fn print_figures() {
-        let dir = tempfile::tempdir().unwrap();
-        for concurrency in [1, 16] {
-            let b = bench_append_and_checkpoint(
-                dir.path().join(concurrency.to_string()).as_path(),
-                2000,
-                256,
-                concurrency,
-            )
-            .await
-            .unwrap();
-            println!("{b}");
-        }
-    }
 }
