@@ -24,6 +24,33 @@ pub fn read_auth_message(method: &str, path_and_query: &str, unix_secs: i64) -> 
 /// Header carrying the W3C trace context from the edge.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
+/// Whether `traceparent` has the W3C shape: `version-traceid-spanid-flags` as 2, 32, 16 and 2 lowercase
+/// hex digits (version `ff` is invalid; version `00` has exactly these four fields). OpenTelemetry's
+/// propagator alone accepts short ids, zero-padding them into a different trace, so every hop checks
+/// this first.
+pub fn traceparent_is_well_formed(traceparent: &str) -> bool {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && (parts[0] != "00" || parts.len() == 4)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+}
+
+/// The trace id of a well-formed `traceparent`.
+pub fn traceparent_trace_id(traceparent: &str) -> Option<&str> {
+    traceparent_is_well_formed(traceparent)
+        .then(|| traceparent.split('-').nth(1))
+        .flatten()
+}
+
 /// `POST /v1/devices/enroll`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -158,4 +185,25 @@ pub struct ErrorDetail {
     /// Seconds to wait before retrying (rate limits, overload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_out_of_well_formed_traceparents_only() {
+        assert_eq!(
+            traceparent_trace_id("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!(traceparent_trace_id("00-xyz-b7ad6b7169203331-01"), None);
+        assert_eq!(traceparent_trace_id(""), None);
+        assert!(!traceparent_is_well_formed(
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ));
+        assert!(!traceparent_is_well_formed(
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"
+        ));
+    }
 }

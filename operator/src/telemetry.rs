@@ -268,31 +268,12 @@ impl HttpClient for OnRuntime {
 /// The context whose (remote) span is the one `traceparent` names; `None` when it is malformed.
 pub fn remote_context(traceparent: &str) -> Option<Context> {
     let traceparent = traceparent.trim();
-    if !well_formed(traceparent) {
+    if !agentplane_api::wire::traceparent_is_well_formed(traceparent) {
         return None;
     }
     let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
     let cx = TraceContextPropagator::new().extract(&carrier);
     cx.span().span_context().is_valid().then_some(cx)
-}
-
-/// The W3C shape: `version-traceid-spanid-flags` as 2, 32, 16 and 2 lowercase hex digits (version
-/// `ff` is invalid; version `00` has exactly these four fields). The propagator alone accepts short
-/// ids, zero-padding them into a different trace.
-fn well_formed(traceparent: &str) -> bool {
-    let parts: Vec<&str> = traceparent.split('-').collect();
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    parts.len() >= 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
-        && (parts[0] != "00" || parts.len() == 4)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
 }
 
 /// The `traceparent` of `span`, or `None` when it is not traced (no OpenTelemetry layer, or the

@@ -19,6 +19,7 @@ use agentplane_api::TaskPhase;
 use agentplane_api::device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus};
 use agentplane_api::policy::{AgentPolicy, AgentPolicySpec, ModelTier};
 use agentplane_api::task::{AgentTask, AgentTaskSpec, AgentTaskStatus, TRACEPARENT_ANNOTATION};
+use agentplane_api::wire::traceparent_trace_id;
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use jiff::Timestamp;
@@ -111,13 +112,6 @@ fn is_status(e: &kube::Error, pred: fn(&kube::core::Status) -> bool) -> bool {
     matches!(e, kube::Error::Api(s) if pred(s))
 }
 
-/// The trace id inside a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`).
-fn trace_id_of(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.split('-');
-    let (_version, trace) = (parts.next()?, parts.next()?);
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_owned())
-}
-
 /// The record for an AgentTask object.
 pub fn task_record(obj: &AgentTask) -> TaskRecord {
     let mut status = obj.status.clone().unwrap_or_default();
@@ -125,7 +119,8 @@ pub fn task_record(obj: &AgentTask) -> TaskRecord {
         status.trace_id = obj
             .annotations()
             .get(TRACEPARENT_ANNOTATION)
-            .and_then(|tp| trace_id_of(tp));
+            .and_then(|tp| traceparent_trace_id(tp))
+            .map(str::to_owned);
     }
     TaskRecord {
         id: obj.name_any(),
@@ -779,16 +774,6 @@ pub fn task_object(name: &str, namespace: &str, spec: AgentTaskSpec) -> AgentTas
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trace_ids_come_out_of_traceparents() {
-        assert_eq!(
-            trace_id_of("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").as_deref(),
-            Some("0af7651916cd43dd8448eb211c80319c")
-        );
-        assert_eq!(trace_id_of("00-xyz-b7ad6b7169203331-01"), None);
-        assert_eq!(trace_id_of(""), None);
-    }
 
     #[test]
     fn join_token_records_round_trip() {
