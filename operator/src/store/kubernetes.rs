@@ -592,7 +592,7 @@ impl TaskStore for KubeStore {
                 return Ok(EnrollOutcome::InvalidToken);
             }
             if let Some(existing) = self.get_device(&e.device_id).await? {
-                return Ok(same_device(&existing, &e.spec));
+                return Ok(super::reenrollment(&existing, &e.spec));
             }
             // Spend the token first: a crash after this leaves a token spent by this device, which
             // lets the same device finish enrolling on retry and nobody else.
@@ -619,7 +619,7 @@ impl TaskStore for KubeStore {
                 Ok(o) => Ok(EnrollOutcome::Created(device_record(&o))),
                 Err(err) if is_status(&err, kube::core::Status::is_already_exists) => {
                     match self.get_device(&e.device_id).await? {
-                        Some(existing) => Ok(same_device(&existing, &e.spec)),
+                        Some(existing) => Ok(super::reenrollment(&existing, &e.spec)),
                         None => Err(StoreError::Backend(format!(
                             "EdgeDevice {} exists and does not",
                             e.device_id
@@ -738,22 +738,6 @@ impl KubeStore {
             // The operator's reconcile would still admit it: say so loudly.
             tracing::error!(task = %id, error = %e, "could not deny a task that lost its seq race");
         }
-    }
-}
-
-/// A second enrollment of an existing device name: harmless if it is the same device.
-fn same_device(existing: &DeviceRecord, spec: &EdgeDeviceSpec) -> EnrollOutcome {
-    let same_keys = spec.public_keys.iter().all(|k| {
-        existing
-            .spec
-            .public_keys
-            .iter()
-            .any(|x| x.id == k.id && x.key == k.key)
-    });
-    if same_keys && !existing.spec.revoked {
-        EnrollOutcome::AlreadyEnrolled(existing.clone())
-    } else {
-        EnrollOutcome::NameTaken
     }
 }
 

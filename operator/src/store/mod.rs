@@ -361,6 +361,23 @@ pub fn admitted_at(status: &AgentTaskStatus) -> Option<Timestamp> {
         .map(|c| c.last_transition_time.0)
 }
 
+/// A second enrollment under an existing device name: harmless when it is the same device (every key it
+/// presents is registered) and the device is not revoked; otherwise the name is taken.
+pub fn reenrollment(existing: &DeviceRecord, spec: &EdgeDeviceSpec) -> EnrollOutcome {
+    let same_keys = spec.public_keys.iter().all(|k| {
+        existing
+            .spec
+            .public_keys
+            .iter()
+            .any(|x| x.id == k.id && x.key == k.key)
+    });
+    if same_keys && !existing.spec.revoked {
+        EnrollOutcome::AlreadyEnrolled(existing.clone())
+    } else {
+        EnrollOutcome::NameTaken
+    }
+}
+
 /// SHA-256 of a secret (join tokens, approver tokens), hex: only hashes are stored or compared.
 pub fn hash_secret(secret: &str) -> String {
     use sha2::Digest as _;

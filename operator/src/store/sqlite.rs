@@ -530,18 +530,7 @@ impl TaskStore for SqliteStore {
                 if !(spendable || spent_by_this_device) {
                     return Ok(EnrollOutcome::InvalidToken);
                 }
-                let same_keys = e.spec.public_keys.iter().all(|k| {
-                    existing
-                        .spec
-                        .public_keys
-                        .iter()
-                        .any(|x| x.id == k.id && x.key == k.key)
-                });
-                return Ok(if same_keys && !existing.spec.revoked {
-                    EnrollOutcome::AlreadyEnrolled(existing)
-                } else {
-                    EnrollOutcome::NameTaken
-                });
+                return Ok(super::reenrollment(&existing, &e.spec));
             }
             if !spendable {
                 return Ok(EnrollOutcome::InvalidToken);
