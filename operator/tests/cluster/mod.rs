@@ -386,13 +386,34 @@ impl Cluster {
     }
 }
 
-/// Parses a metrics text into sample name+labels -> value.
+/// Parses a metrics scrape (prometheus-parse) into `name{label="value",...}` (labels sorted) -> value.
 pub fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("a Prometheus text scrape");
+    scrape
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<(String, String)> = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            labels.sort();
+            let key = if labels.is_empty() {
+                s.metric
+            } else {
+                let rendered: Vec<String> =
+                    labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                format!("{}{{{}}}", s.metric, rendered.join(","))
+            };
+            Some((key, value))
         })
         .collect()
 }
