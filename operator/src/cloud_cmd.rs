@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentplane::audit::checkpoint::{MAX_ORIGIN_LEN, check_origin};
 use agentplane::audit::{
     AuditLog, AuditLogConfig, CheckpointSigner, Ed25519Signer, KmsSigner, TaskObserver,
 };
@@ -120,6 +121,42 @@ pub struct OperatorArgs {
     /// (created, mode 0600, if missing) [default: audit.key beside --audit-log].
     #[arg(long, env = "AGENTPLANE_AUDIT_KEY_FILE", requires = "audit_log")]
     audit_key_file: Option<PathBuf>,
+    /// Origin the audit log's checkpoints name: 1 to 256 bytes, no newlines or other control
+    /// characters. Give each replica's log its own (the chart uses
+    /// `agentplane.dev/audit/<namespace>/<pod name>`) so a checkpoint names the log it belongs to.
+    /// A log keeps the origin it was created with and refuses to open under another
+    /// [default: agentplane.dev/audit/<--namespace>].
+    #[arg(
+        long,
+        env = "AGENTPLANE_AUDIT_ORIGIN",
+        requires = "audit_log",
+        value_parser = parse_audit_origin
+    )]
+    audit_origin: Option<String>,
+}
+
+/// Why an `--audit-origin` was refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--audit-origin (AGENTPLANE_AUDIT_ORIGIN) must be 1 to {max} bytes without newlines or other control characters: it is the first line of every signed checkpoint",
+    max = MAX_ORIGIN_LEN
+)]
+struct BadAuditOrigin;
+
+/// Checks an audit origin when the flags are parsed, so a bad one stops the operator before it
+/// connects to anything.
+fn parse_audit_origin(raw: &str) -> Result<String, BadAuditOrigin> {
+    check_origin(raw).map_err(|_| BadAuditOrigin)?;
+    Ok(raw.to_owned())
+}
+
+impl OperatorArgs {
+    /// The origin of this replica's audit log: the flag, else the namespace's default.
+    fn audit_origin(&self) -> String {
+        self.audit_origin
+            .clone()
+            .unwrap_or_else(|| audit_origin(&self.common.namespace))
+    }
 }
 
 /// Opens the operator's audit log with the signer its flags choose.
@@ -153,13 +190,11 @@ async fn open_operator_audit(
         }
     };
     let described = signer.describe();
-    let log = AuditLog::open(
-        AuditLogConfig::new(path, audit_origin(&args.common.namespace)),
-        signer,
-    )
-    .await
-    .with_context(|| format!("opening the audit log {}", path.display()))?;
-    tracing::info!(log = %path.display(), signer = %described, "audit log open");
+    let origin = args.audit_origin();
+    let log = AuditLog::open(AuditLogConfig::new(path, origin.clone()), signer)
+        .await
+        .with_context(|| format!("opening the audit log {}", path.display()))?;
+    tracing::info!(log = %path.display(), %origin, signer = %described, "audit log open");
     Ok(log)
 }
 
@@ -440,4 +475,70 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         let _ = metrics_task.await;
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        operator: OperatorArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<OperatorArgs, clap::Error> {
+        let mut argv = vec![
+            "operator",
+            "--queue-url",
+            "http://127.0.0.1:1/q",
+            "--namespace",
+            "team-a",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.operator)
+    }
+
+    #[test]
+    fn audit_origin_defaults_to_the_namespace() {
+        let args = parse(&["--audit-log", "/tmp/a.sqlite"]).unwrap();
+        assert_eq!(args.audit_origin(), "agentplane.dev/audit/team-a");
+    }
+
+    #[test]
+    fn audit_origin_flag_overrides_the_default() {
+        let args = parse(&[
+            "--audit-log",
+            "/tmp/a.sqlite",
+            "--audit-origin",
+            "agentplane.dev/audit/team-a/agentplane-operator-1",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.audit_origin(),
+            "agentplane.dev/audit/team-a/agentplane-operator-1"
+        );
+    }
+
+    #[test]
+    fn bad_audit_origins_are_refused_naming_the_flag() {
+        let long = "x".repeat(MAX_ORIGIN_LEN + 1);
+        for bad in ["", "a\nb", "tab\there", long.as_str()] {
+            let err = parse(&["--audit-log", "/tmp/a.sqlite", "--audit-origin", bad])
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("--audit-origin"), "{bad:?}: {err}");
+            assert!(err.contains("AGENTPLANE_AUDIT_ORIGIN"), "{bad:?}: {err}");
+        }
+        let longest = "x".repeat(MAX_ORIGIN_LEN);
+        assert!(parse(&["--audit-log", "/tmp/a.sqlite", "--audit-origin", &longest]).is_ok());
+    }
+
+    #[test]
+    fn audit_origin_needs_an_audit_log() {
+        let err = parse(&["--audit-origin", "agentplane.dev/audit/x"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
 }

@@ -500,11 +500,16 @@ async fn the_operator_leader_audits_with_a_kms_key_across_a_restart() {
     std::fs::write(&pem_path, kms_key.to_pem()).unwrap();
     let log: PathBuf = audit_dir.path().join("state/audit.sqlite");
 
-    // Only the operator reads these; the gateway and workers record nothing themselves.
+    // Only the operator reads these; the gateway and workers record nothing themselves. The
+    // origin is a replica's own, as the chart sets it (`.../<namespace>/<pod name>`); both
+    // operators below stand for that one replica restarted.
+    let origin = format!("agentplane.dev/audit/{}/agentplane-operator-0", c.namespace);
     c.env
         .push(("AGENTPLANE_AUDIT_LOG".into(), path_str(&log).into()));
     c.env
         .push(("AGENTPLANE_AUDIT_KMS_KEY_ID".into(), key_id.clone()));
+    c.env
+        .push(("AGENTPLANE_AUDIT_ORIGIN".into(), origin.clone()));
     let gw = c.start_gateway().await;
     let operator = c.operator("op-audit-a");
     let _worker = c.worker("worker-audit");
@@ -549,10 +554,7 @@ async fn the_operator_leader_audits_with_a_kms_key_across_a_restart() {
     assert!(status.success(), "operator exit: {status:?}\n{}", c.logs());
 
     let out = verify_passes(&log, &["--public-key", path_str(&pem_path)]);
-    assert!(
-        out.contains(&format!("origin: agentplane.dev/audit/{}", c.namespace)),
-        "{out}"
-    );
+    assert!(out.contains(&format!("origin: {origin}\n")), "{out}");
     let events = export(&log);
     // What the leader's log guarantees, whatever the watch coalesced: the admission, the policy
     // decisions, approvals with the approver, the cancel request and the terminal phase.
@@ -592,6 +594,10 @@ async fn the_operator_leader_audits_with_a_kms_key_across_a_restart() {
     // A new leader on the same log: it re-lists every task (adding nothing for states already
     // recorded), records the new task, and its checkpoints extend the earlier ones.
     let before = save_checkpoint(&log, &audit_dir.path().join("before.json"));
+    assert_eq!(
+        before.origin, origin,
+        "the checkpoint names the replica's log"
+    );
     let operator = c.operator("op-audit-b");
     let later = submit(&gw, &d, 6, "summarize").await;
     assert_eq!(c.wait_terminal(&later).await.phase(), Succeeded);
@@ -609,6 +615,7 @@ async fn the_operator_leader_audits_with_a_kms_key_across_a_restart() {
     );
     let after = consistent_since(&log, &before);
     assert_eq!(after.key_id, kms_key.key_id(), "signed by the KMS key");
+    assert_eq!(after.origin, origin);
     let events = export(&log);
     for (id, _) in &expected {
         assert_eq!(
@@ -623,4 +630,38 @@ async fn the_operator_leader_audits_with_a_kms_key_across_a_restart() {
             .filter(|e| e.task == later)
             .all(|e| e.seq >= before.size)
     );
+}
+
+/// A bad `AGENTPLANE_AUDIT_ORIGIN` (empty, a newline that would forge a line of the signed
+/// checkpoint body, too long) stops the operator before it connects to anything or creates the
+/// log, with a message naming the setting. No stack needed: it never gets that far.
+#[test]
+fn the_operator_refuses_a_bad_audit_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.sqlite");
+    let long = format!("agentplane.dev/audit/{}", "x".repeat(300));
+    for origin in [
+        "",
+        "agentplane.dev/audit/team-a\n1000000",
+        "agentplane.dev/audit/\u{7}bell",
+        long.as_str(),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentplane"))
+            .arg("operator")
+            .env("AGENTPLANE_NAMESPACE", "team-a")
+            .env("AGENTPLANE_QUEUE_URL", "http://127.0.0.1:9/queue")
+            .env("AGENTPLANE_AUDIT_LOG", &log)
+            .env("AGENTPLANE_AUDIT_ORIGIN", origin)
+            .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+            .output()
+            .expect("running agentplane operator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{origin:?} accepted:\n{stderr}");
+        assert_eq!(out.status.code(), Some(2), "a usage error: {stderr}");
+        assert!(
+            stderr.contains("AGENTPLANE_AUDIT_ORIGIN") && stderr.contains("--audit-origin"),
+            "{origin:?}: {stderr}"
+        );
+        assert!(!log.exists(), "{origin:?}: the log must not be created");
+    }
 }

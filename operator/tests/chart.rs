@@ -1,7 +1,8 @@
 //! The Helm chart `charts/agentplane`, checked with the real Helm CLI (built by `ci/peers.sh`) and a
 //! real kube-apiserver + etcd (`ci/stack.sh`): `helm lint` (plain and `--strict`) passes,
-//! values.schema.json rejects bad values, `helm template` renders with the defaults and with the
-//! values the Crossplane v1 composition passes, and every rendered object passes a server-side
+//! values.schema.json rejects bad values, `helm template` renders with the defaults, with the
+//! values the Crossplane v1 composition passes and with the operator's audit log on (a
+//! StatefulSet in place of the Deployment), and every rendered object passes a server-side
 //! dry-run apply with strict field validation against the chart's CRDs and KEDA's CRDs.
 //!
 //! A missing peer fails these tests with the reason; nothing is skipped.
@@ -138,15 +139,35 @@ fn only_container(deploy: &Value) -> &Value {
     &containers[0]
 }
 
+/// Every object that runs pods: the Deployments, and the operator's StatefulSet when it keeps
+/// an audit log.
+fn workloads(objs: &[Value]) -> Vec<&Value> {
+    let mut w = of_kind(objs, "Deployment");
+    w.extend(of_kind(objs, "StatefulSet"));
+    w
+}
+
+/// The operator: a Deployment, or a StatefulSet with the audit log on, never both.
+fn operator_workload(objs: &[Value]) -> &Value {
+    let found: Vec<&Value> = workloads(objs)
+        .into_iter()
+        .filter(|o| o["metadata"]["name"] == "agentplane-operator")
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one operator workload: {:?}",
+        found.iter().map(|o| kind_name(o)).collect::<Vec<_>>()
+    );
+    found[0]
+}
+
 /// The invariants every rendering must keep: names, args, security, RBAC.
 fn check_invariants(objs: &[Value]) {
     // The compositions' ScaledObject targets this exact name.
     let worker = find(objs, "Deployment", "agentplane-worker");
-    for (deploy, arg) in [
-        (find(objs, "Deployment", "agentplane-operator"), "operator"),
-        (worker, "worker"),
-    ] {
-        assert_eq!(only_container(deploy)["args"], json!([arg]));
+    for (workload, arg) in [(operator_workload(objs), "operator"), (worker, "worker")] {
+        assert_eq!(only_container(workload)["args"], json!([arg]));
     }
     if let Some(gw) = objs
         .iter()
@@ -154,11 +175,24 @@ fn check_invariants(objs: &[Value]) {
     {
         assert_eq!(only_container(gw)["args"], json!(["gateway"]));
     }
+    // Each PodDisruptionBudget selects its workload's pods, whatever the workload's kind.
+    for pdb in of_kind(objs, "PodDisruptionBudget") {
+        let name = pdb["metadata"]["name"].as_str().unwrap_or_default();
+        let selected = &pdb["spec"]["selector"]["matchLabels"];
+        let workload = workloads(objs)
+            .into_iter()
+            .find(|w| w["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("PodDisruptionBudget {name} has no workload"));
+        let labels = &workload["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in selected.as_object().expect("matchLabels") {
+            assert_eq!(&labels[k], v, "PodDisruptionBudget {name}: {k}");
+        }
+    }
 
     // Pod and container security on every workload.
-    let deployments = of_kind(objs, "Deployment");
-    assert!(deployments.len() >= 2);
-    for d in deployments {
+    let all = workloads(objs);
+    assert!(all.len() >= 2);
+    for d in all {
         let name = &d["metadata"]["name"];
         let pod = &d["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
@@ -292,6 +326,23 @@ fn lint_passes() {
             "helm lint {extra:?} with the composition's values: {}",
             text(&out)
         );
+
+        for audit in [
+            vec!["operator.audit.enabled=true".to_owned()],
+            audit_sets_kms(),
+        ] {
+            let mut cmd = helm(home.path());
+            cmd.arg("lint").arg(chart_dir()).args(&extra);
+            for s in &audit {
+                cmd.args(["--set", s]);
+            }
+            let out = run(cmd);
+            assert!(
+                out.status.success(),
+                "helm lint {extra:?} with {audit:?}: {}",
+                text(&out)
+            );
+        }
     }
 }
 
@@ -319,6 +370,26 @@ fn schema_rejects_bad_values() {
         ),
         (&["--set", "models.tiers[0].name=x"], "/models/tiers/0"),
         (&["--set", "quue.url=https://typo"], "quue"),
+        (
+            &["--set", "operator.audit.storage.size=lots"],
+            "/operator/audit/storage/size",
+        ),
+        (
+            &["--set", "operator.audit.enabled=yes"],
+            "/operator/audit/enabled",
+        ),
+        (
+            &["--set", "operator.audit.retention=30d"],
+            "at '/operator/audit': additional properties 'retention'",
+        ),
+        (
+            &["--set", "operator.audit.storage.storageClassName=Fast_SSD"],
+            "/operator/audit/storage/storageClassName",
+        ),
+        (
+            &["--set", "operator.audit.kmsKeyArn=not a key"],
+            "/operator/audit/kmsKeyArn",
+        ),
     ];
     for (flags, path) in cases {
         for sub in ["lint", "template"] {
@@ -478,6 +549,169 @@ fn renders_keda_scaler() {
     assert!(worker["spec"]["replicas"].is_null());
 }
 
+const AUDIT_DIR: &str = "/var/lib/agentplane/audit";
+const AUDIT_KMS_KEY: &str =
+    "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+/// `--set` flags turning the audit log on, with a KMS key and a storage class.
+fn audit_sets_kms() -> Vec<String> {
+    vec![
+        "operator.audit.enabled=true".to_owned(),
+        format!("operator.audit.kmsKeyArn={AUDIT_KMS_KEY}"),
+        "operator.audit.storage.size=5Gi".to_owned(),
+        "operator.audit.storage.storageClassName=gp3".to_owned(),
+    ]
+}
+
+/// What every audit-enabled rendering has: a StatefulSet in place of the Deployment, with the
+/// same pod template, a per-replica volume and the log's environment. Returns its env.
+fn check_audit_statefulset(
+    objs: &[Value],
+    without: &[Value],
+    watch_ns: &str,
+) -> BTreeMap<String, String> {
+    check_invariants(objs);
+    assert!(
+        !objs
+            .iter()
+            .any(|o| kind_name(o) == ("Deployment".into(), "agentplane-operator".into())),
+        "an operator Deployment beside the StatefulSet"
+    );
+    let sts = find(objs, "StatefulSet", "agentplane-operator");
+    let deploy = find(without, "Deployment", "agentplane-operator");
+    assert_eq!(sts["metadata"]["labels"], deploy["metadata"]["labels"]);
+    assert_eq!(sts["spec"]["selector"], deploy["spec"]["selector"]);
+    assert_eq!(sts["spec"]["replicas"], 2);
+    assert_eq!(sts["spec"]["serviceName"], "agentplane-operator-metrics");
+    find(objs, "Service", "agentplane-operator-metrics");
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    assert_eq!(
+        sts["spec"]["persistentVolumeClaimRetentionPolicy"],
+        json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
+    );
+
+    // The pod template is the Deployment's plus the audit mount and environment.
+    let mut pod = sts["spec"]["template"].clone();
+    let container = &mut pod["spec"]["containers"][0];
+    let mounts = container["volumeMounts"].as_array_mut().expect("mounts");
+    let audit_mount = mounts.pop().expect("the audit mount is last");
+    assert_eq!(
+        audit_mount,
+        json!({"name": "audit", "mountPath": AUDIT_DIR})
+    );
+    let env = container["env"].as_array_mut().expect("env");
+    env.retain(|e| {
+        !e["name"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("AGENTPLANE_AUDIT_")
+    });
+    assert_eq!(
+        pod, deploy["spec"]["template"],
+        "the StatefulSet's pod template drifted from the Deployment's"
+    );
+    let env = env_of(only_container(sts));
+    assert_eq!(
+        env["AGENTPLANE_AUDIT_LOG"],
+        format!("{AUDIT_DIR}/audit.sqlite")
+    );
+    // Kubernetes expands $(AGENTPLANE_POD_NAME) only from a variable defined before it.
+    let names: Vec<&str> = only_container(sts)["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    let pos = |n: &str| names.iter().position(|x| *x == n).unwrap();
+    assert!(pos("AGENTPLANE_POD_NAME") < pos("AGENTPLANE_AUDIT_ORIGIN"));
+    assert_eq!(
+        only_container(sts)["env"][pos("AGENTPLANE_POD_NAME")]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env["AGENTPLANE_AUDIT_ORIGIN"],
+        format!("agentplane.dev/audit/{watch_ns}/$(AGENTPLANE_POD_NAME)")
+    );
+    let claims = sts["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .expect("volumeClaimTemplates");
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0]["metadata"]["name"], "audit");
+    assert_eq!(claims[0]["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+    env
+}
+
+#[test]
+fn renders_audit_log_as_a_statefulset() {
+    let home = tempfile::tempdir().unwrap();
+    let without = template(home.path(), "agentplane", &[], &[]);
+
+    // Local Ed25519 key on the volume, the cluster's default StorageClass, 1Gi.
+    let objs = template(
+        home.path(),
+        "agentplane",
+        &[],
+        &["operator.audit.enabled=true"],
+    );
+    let env = check_audit_statefulset(&objs, &without, "agentplane");
+    assert_eq!(
+        env["AGENTPLANE_AUDIT_KEY_FILE"],
+        format!("{AUDIT_DIR}/audit.key")
+    );
+    assert!(!env.contains_key("AGENTPLANE_AUDIT_KMS_KEY_ID"));
+    let claim = &find(&objs, "StatefulSet", "agentplane-operator")["spec"]["volumeClaimTemplates"]
+        [0]["spec"];
+    assert_eq!(claim["resources"]["requests"]["storage"], "1Gi");
+    assert!(
+        claim.get("storageClassName").is_none(),
+        "an empty class must leave the field out (the cluster default): {claim}"
+    );
+    // Everything else is as without the audit log.
+    let others = |objs: &[Value]| -> Vec<Value> {
+        objs.iter()
+            .filter(|o| {
+                o["metadata"]["name"] != "agentplane-operator"
+                    || o["kind"] == "ServiceAccount"
+                    || o["kind"] == "Role"
+                    || o["kind"] == "RoleBinding"
+                    || o["kind"] == "PodDisruptionBudget"
+            })
+            .cloned()
+            .collect()
+    };
+    assert_eq!(others(&objs), others(&without));
+
+    // A KMS key signs instead, on the given class and size, for another watch namespace.
+    let sets = audit_sets_kms();
+    let mut sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    sets.push("watchNamespace=team-a");
+    let without_team = template(home.path(), "agentplane", &[], &["watchNamespace=team-a"]);
+    let objs = template(home.path(), "agentplane", &[], &sets);
+    let env = check_audit_statefulset(&objs, &without_team, "team-a");
+    assert_eq!(env["AGENTPLANE_AUDIT_KMS_KEY_ID"], AUDIT_KMS_KEY);
+    assert!(
+        !env.contains_key("AGENTPLANE_AUDIT_KEY_FILE"),
+        "the operator refuses both signers at once"
+    );
+    let claim = &find(&objs, "StatefulSet", "agentplane-operator")["spec"]["volumeClaimTemplates"]
+        [0]["spec"];
+    assert_eq!(claim["resources"]["requests"]["storage"], "5Gi");
+    assert_eq!(claim["storageClassName"], "gp3");
+
+    // Turning it off again renders the Deployment alone.
+    let objs = template(
+        home.path(),
+        "agentplane",
+        &[],
+        &[
+            "operator.audit.enabled=false",
+            "operator.audit.storage.size=5Gi",
+        ],
+    );
+    assert!(of_kind(&objs, "StatefulSet").is_empty());
+    assert_eq!(objs, without);
+}
+
 fn crd_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reading CRDs from {}: {e}", dir.display()))
@@ -591,6 +825,8 @@ async fn rendered_objects_apply_cleanly() {
         "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".to_owned(),
     ];
     let keda_sets: Vec<&str> = keda_sets.iter().map(String::as_str).collect();
+    let audit_sets = audit_sets_kms();
+    let audit_sets: Vec<&str> = audit_sets.iter().map(String::as_str).collect();
     let renderings: Vec<(&str, Vec<Value>)> = vec![
         ("defaults", template(home.path(), &ns, &[], &[])),
         (
@@ -600,6 +836,14 @@ async fn rendered_objects_apply_cleanly() {
         (
             "KEDA and every option",
             template(home.path(), &ns, &[&file], &keda_sets),
+        ),
+        (
+            "audit log, local key",
+            template(home.path(), &ns, &[&file], &["operator.audit.enabled=true"]),
+        ),
+        (
+            "audit log, KMS key and storage class",
+            template(home.path(), &ns, &[&file], &audit_sets),
         ),
     ];
 
@@ -660,5 +904,26 @@ async fn rendered_objects_apply_cleanly() {
 
     let keda = &renderings[2].1;
     assert!(!of_kind(keda, "ScaledObject").is_empty());
-    assert!(applied >= 40, "only {applied} objects were dry-run applied");
+    for (_, audited) in &renderings[3..] {
+        find(audited, "StatefulSet", "agentplane-operator");
+    }
+    assert!(applied >= 80, "only {applied} objects were dry-run applied");
+
+    // The install names the StatefulSet and says how to verify a replica's log.
+    let mut audit_install = vec!["--values", values_file];
+    for s in &audit_sets {
+        audit_install.extend(["--set", s]);
+    }
+    let out = install(&audit_install);
+    assert!(
+        out.status.success(),
+        "helm install --dry-run=server with the audit log: {}",
+        text(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("statefulset/agentplane-operator")
+            && stdout.contains("agentplane audit verify"),
+        "{stdout}"
+    );
 }

@@ -153,7 +153,7 @@ non-negotiable settings forced.
 {{- toYaml $sc -}}
 {{- end -}}
 
-{{/* Pod spec parts shared by the three Deployments; call with (dict "ctx" $ "component" "worker"). */}}
+{{/* Pod spec parts shared by the three workloads; call with (dict "ctx" $ "component" "worker"). */}}
 {{- define "agentplane.podScheduling" -}}
 {{- $c := index .ctx.Values .component -}}
 {{- with .ctx.Values.imagePullSecrets }}
@@ -174,5 +174,31 @@ tolerations:
 {{- with $c.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Where the operator's audit volume is mounted. */}}
+{{- define "agentplane.auditDir" -}}
+/var/lib/agentplane/audit
+{{- end -}}
+
+{{/*
+The operator's audit log settings (operator.audit.enabled). The origin ends in the pod's name
+(AGENTPLANE_POD_NAME, set earlier by commonEnv, which Kubernetes expands in $(...)): each replica
+keeps its own log, and a checkpoint must name the log it belongs to.
+*/}}
+{{- define "agentplane.auditEnv" -}}
+{{- $audit := .Values.operator.audit -}}
+{{- $dir := include "agentplane.auditDir" . -}}
+- name: AGENTPLANE_AUDIT_LOG
+  value: {{ printf "%s/audit.sqlite" $dir | quote }}
+- name: AGENTPLANE_AUDIT_ORIGIN
+  value: {{ printf "agentplane.dev/audit/%s/$(AGENTPLANE_POD_NAME)" (include "agentplane.watchNamespace" .) | quote }}
+{{- if $audit.kmsKeyArn }}
+- name: AGENTPLANE_AUDIT_KMS_KEY_ID
+  value: {{ $audit.kmsKeyArn | quote }}
+{{- else }}
+- name: AGENTPLANE_AUDIT_KEY_FILE
+  value: {{ printf "%s/audit.key" $dir | quote }}
 {{- end }}
 {{- end -}}
