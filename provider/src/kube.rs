@@ -594,6 +594,75 @@ pub fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
+/// A Kubernetes quantity as an exact fraction `numerator / denominator` of its base unit, so
+/// that two spellings of one amount (`1Gi`, `1024Mi`; `0.5G`, `500M`) compare equal: the API
+/// server stores quantities in its own canonical spelling.
+#[derive(Debug, Clone, Copy)]
+pub struct Quantity {
+    numerator: u128,
+    denominator: u128,
+}
+
+impl PartialEq for Quantity {
+    fn eq(&self, other: &Self) -> bool {
+        // a/b == c/d  <=>  a*d == c*b; an overflow only happens for amounts no volume has.
+        match (
+            self.numerator.checked_mul(other.denominator),
+            other.numerator.checked_mul(self.denominator),
+        ) {
+            (Some(x), Some(y)) => x == y,
+            _ => false,
+        }
+    }
+}
+
+/// Parses `<digits>[.<digits>][suffix]` with a binary (`Ki`..`Ei`) or decimal (`m`, `k`..`E`)
+/// suffix, the forms a storage size is written in and the API server writes back. `None` for
+/// anything else (signs, exponents, empty, or more than 32 characters).
+pub fn parse_quantity(s: &str) -> Option<Quantity> {
+    const SUFFIXES: [(&str, u128, u128); 14] = [
+        ("Ki", 1 << 10, 1),
+        ("Mi", 1 << 20, 1),
+        ("Gi", 1 << 30, 1),
+        ("Ti", 1 << 40, 1),
+        ("Pi", 1 << 50, 1),
+        ("Ei", 1 << 60, 1),
+        ("m", 1, 1000),
+        ("k", 1_000, 1),
+        ("M", 1_000_000, 1),
+        ("G", 1_000_000_000, 1),
+        ("T", 1_000_000_000_000, 1),
+        ("P", 1_000_000_000_000_000, 1),
+        ("E", 1_000_000_000_000_000_000, 1),
+        ("", 1, 1),
+    ];
+    if s.is_empty() || s.len() > 32 {
+        return None;
+    }
+    let (number, multiplier, divisor) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, mul, div)| s.strip_suffix(suffix).map(|n| (n, *mul, *div)))?;
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits_only = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits_only(whole) || !digits_only(fraction) {
+        return None;
+    }
+    if number.contains('.') && fraction.is_empty() {
+        return None;
+    }
+    let mantissa: u128 = format!("{whole}{fraction}").parse().ok()?;
+    let scale = 10u128.checked_pow(u32::try_from(fraction.len()).ok()?)?;
+    Some(Quantity {
+        numerator: mantissa.checked_mul(multiplier)?,
+        denominator: scale.checked_mul(divisor)?,
+    })
+}
+
+/// Whether two quantity strings are the same amount (both must parse).
+pub fn same_quantity(a: &str, b: &str) -> bool {
+    matches!((parse_quantity(a), parse_quantity(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// A list of strings read from the API, in the form the prior state used when empty (`null`
 /// or `[]`), so an unset optional list does not plan a `[] -> null` diff.
 pub fn string_list(items: &[String], prior: &Value) -> Value {
@@ -638,6 +707,33 @@ pub fn force(v: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantities_compare_by_amount() {
+        assert!(same_quantity("1Gi", "1024Mi"));
+        assert!(same_quantity("1.5Gi", "1536Mi"));
+        assert!(same_quantity("0.5G", "500M"));
+        assert!(same_quantity("1.5", "1500m"));
+        assert!(same_quantity("2k", "2000"));
+        assert!(!same_quantity("1G", "1Gi"));
+        assert!(!same_quantity("1Gi", "2Gi"));
+        for bad in [
+            "",
+            "lots",
+            "1.",
+            ".5",
+            "-1Gi",
+            "1e3",
+            "1 Gi",
+            "1GiB",
+            "Gi",
+            "1.5.2",
+            "99999999999999999999999999999999Ei",
+        ] {
+            assert!(parse_quantity(bad).is_none(), "{bad:?}");
+            assert!(!same_quantity(bad, bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn plurals() {

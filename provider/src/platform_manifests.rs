@@ -20,6 +20,22 @@ pub const JOIN_TOKENS_SECRET: &str = "agentplane-join-tokens";
 pub const TIERS_FILE: &str = "/etc/agentplane/models/tiers.yaml";
 pub const METRICS_PORT: i64 = 9090;
 pub const COMPONENTS: [&str; 3] = ["operator", "worker", "gateway"];
+/// Where each operator replica's audit volume is mounted.
+pub const AUDIT_DIR: &str = "/var/lib/agentplane/audit";
+/// Name of the operator StatefulSet's volume claim template: the claims are
+/// `audit-agentplane-operator-<n>`.
+pub const AUDIT_VOLUME: &str = "audit";
+
+/// The operator's audit log (the chart's `operator.audit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditSpec {
+    /// KMS key signing the checkpoints; `None` means a local Ed25519 key on each volume.
+    pub kms_key_arn: Option<String>,
+    /// Size of each replica's volume, a Kubernetes quantity.
+    pub storage_size: String,
+    /// StorageClass of the volumes; `None` means the cluster's default.
+    pub storage_class: Option<String>,
+}
 
 /// Everything the platform's objects are rendered from.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +57,8 @@ pub struct PlatformSpec {
     pub log_format: String,
     pub operator_replicas: i64,
     pub operator_concurrency: i64,
+    /// `Some` runs the operator as a StatefulSet keeping an audit log per replica.
+    pub operator_audit: Option<AuditSpec>,
     /// `None` leaves `spec.replicas` out (KEDA or another autoscaler owns it).
     pub worker_replicas: Option<i64>,
     pub worker_concurrency: i64,
@@ -63,6 +81,15 @@ impl PlatformSpec {
             .into_iter()
             .filter(|c| *c != "gateway" || self.gateway_enabled)
             .collect()
+    }
+
+    /// The kind of the operator's workload: a StatefulSet when it keeps an audit log.
+    pub fn operator_kind(&self) -> &'static str {
+        if self.operator_audit.is_some() {
+            "StatefulSet"
+        } else {
+            "Deployment"
+        }
     }
 
     /// In-cluster URL of the gateway Service, when the gateway runs.
@@ -219,7 +246,50 @@ fn resources(component: &str) -> Json {
     }
 }
 
-fn deployment(s: &PlatformSpec, component: &str) -> Json {
+/// The audit log's environment (the chart's `agentplane.auditEnv`). The origin ends in the pod's
+/// name, which Kubernetes expands from `AGENTPLANE_POD_NAME` (defined earlier, by common_env):
+/// each replica keeps its own log, and a checkpoint must name the log it belongs to.
+fn audit_env(s: &PlatformSpec, audit: &AuditSpec) -> Vec<Json> {
+    let mut e = vec![
+        env("AGENTPLANE_AUDIT_LOG", format!("{AUDIT_DIR}/audit.sqlite")),
+        env(
+            "AGENTPLANE_AUDIT_ORIGIN",
+            format!(
+                "agentplane.dev/audit/{}/$(AGENTPLANE_POD_NAME)",
+                s.namespace
+            ),
+        ),
+    ];
+    e.push(match &audit.kms_key_arn {
+        Some(key) => env("AGENTPLANE_AUDIT_KMS_KEY_ID", key.as_str()),
+        None => env(
+            "AGENTPLANE_AUDIT_KEY_FILE",
+            format!("{AUDIT_DIR}/audit.key"),
+        ),
+    });
+    e
+}
+
+/// The StatefulSet-only part of the operator's spec: a volume per replica, kept when the
+/// StatefulSet is deleted or scaled down (they hold the audit logs).
+fn audit_statefulset_spec(spec: &mut Json, audit: &AuditSpec) {
+    let mut claim = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": { "requests": { "storage": audit.storage_size } },
+    });
+    if let Some(class) = &audit.storage_class {
+        claim["storageClassName"] = json!(class);
+    }
+    spec["serviceName"] = json!(format!("{FULLNAME}-operator-metrics"));
+    // The Lease picks the leader: no replica has to wait for another to start.
+    spec["podManagementPolicy"] = json!("Parallel");
+    spec["persistentVolumeClaimRetentionPolicy"] =
+        json!({ "whenDeleted": "Retain", "whenScaled": "Retain" });
+    spec["volumeClaimTemplates"] = json!([{ "metadata": { "name": AUDIT_VOLUME }, "spec": claim }]);
+}
+
+/// The Deployment of a component; the operator's is a StatefulSet when it keeps an audit log.
+fn workload(s: &PlatformSpec, component: &str) -> Json {
     let ns = s.namespace.as_str();
     let name = format!("{FULLNAME}-{component}");
     let (liveness, readiness, startup) = probes();
@@ -239,6 +309,9 @@ fn deployment(s: &PlatformSpec, component: &str) -> Json {
                 "AGENTPLANE_CONCURRENCY",
                 s.operator_concurrency.to_string(),
             ));
+            if let Some(audit) = &s.operator_audit {
+                env.extend(audit_env(s, audit));
+            }
             (30, "64Mi")
         }
         "worker" => {
@@ -285,6 +358,14 @@ fn deployment(s: &PlatformSpec, component: &str) -> Json {
     }
     mounts.push(json!({ "name": "tmp", "mountPath": "/tmp" }));
     volumes.push(json!({ "name": "tmp", "emptyDir": { "sizeLimit": tmp_size } }));
+    let audit = s
+        .operator_audit
+        .as_ref()
+        .filter(|_| component == "operator");
+    if audit.is_some() {
+        // The volume itself comes from the StatefulSet's claim template.
+        mounts.push(json!({ "name": AUDIT_VOLUME, "mountPath": AUDIT_DIR }));
+    }
 
     let mut container = json!({
         "name": component,
@@ -332,9 +413,16 @@ fn deployment(s: &PlatformSpec, component: &str) -> Json {
     if let Some(r) = replicas {
         spec["replicas"] = json!(r);
     }
+    let kind = match audit {
+        Some(audit) => {
+            audit_statefulset_spec(&mut spec, audit);
+            "StatefulSet"
+        }
+        None => "Deployment",
+    };
     json!({
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": kind,
         "metadata": meta(&name, ns, Some(component)),
         "spec": spec,
     })
@@ -494,7 +582,7 @@ pub fn manifests(s: &PlatformSpec) -> Vec<Json> {
         "data": { "tiers.yaml": tiers_yaml(&s.model_tiers) },
     }));
     for c in &components {
-        out.push(deployment(s, c));
+        out.push(workload(s, c));
     }
     for c in &components {
         out.push(json!({
@@ -554,6 +642,7 @@ mod tests {
             log_format: "json".into(),
             operator_replicas: 2,
             operator_concurrency: 16,
+            operator_audit: None,
             worker_replicas: None,
             worker_concurrency: 4,
             worker_secret_names: vec![],
@@ -610,6 +699,76 @@ mod tests {
                 && o["metadata"]["name"] != JOIN_TOKENS_SECRET
         ));
         assert_eq!(s.gateway_url(), None);
+    }
+
+    fn operator(m: &[Json]) -> &Json {
+        let found: Vec<&Json> = m
+            .iter()
+            .filter(|o| o["metadata"]["name"] == "agentplane-operator")
+            .filter(|o| o["kind"] == "Deployment" || o["kind"] == "StatefulSet")
+            .collect();
+        assert_eq!(found.len(), 1, "one operator workload");
+        found[0]
+    }
+
+    #[test]
+    fn audit_runs_the_operator_as_a_statefulset() {
+        let mut s = spec();
+        assert_eq!(operator(&manifests(&s))["kind"], "Deployment");
+        s.operator_audit = Some(AuditSpec {
+            kms_key_arn: None,
+            storage_size: "1Gi".into(),
+            storage_class: None,
+        });
+        let m = manifests(&s);
+        let sts = operator(&m);
+        assert_eq!(sts["kind"], "StatefulSet");
+        assert_eq!(s.operator_kind(), "StatefulSet");
+        assert_eq!(sts["spec"]["serviceName"], "agentplane-operator-metrics");
+        assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+        let e = env_of(sts);
+        assert_eq!(
+            e["AGENTPLANE_AUDIT_LOG"],
+            "/var/lib/agentplane/audit/audit.sqlite"
+        );
+        assert_eq!(
+            e["AGENTPLANE_AUDIT_ORIGIN"],
+            "agentplane.dev/audit/ap/$(AGENTPLANE_POD_NAME)"
+        );
+        assert_eq!(
+            e["AGENTPLANE_AUDIT_KEY_FILE"],
+            "/var/lib/agentplane/audit/audit.key"
+        );
+        assert!(!e.contains_key("AGENTPLANE_AUDIT_KMS_KEY_ID"));
+        let claim = &sts["spec"]["volumeClaimTemplates"][0];
+        assert_eq!(claim["metadata"]["name"], "audit");
+        assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "1Gi");
+        assert!(claim["spec"].get("storageClassName").is_none());
+        let mounts = sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].to_string();
+        assert!(mounts.contains("/var/lib/agentplane/audit"), "{mounts}");
+        // The worker and gateway are untouched.
+        let worker = m
+            .iter()
+            .find(|o| o["metadata"]["name"] == "agentplane-worker" && o["kind"] == "Deployment")
+            .unwrap();
+        assert!(!worker.to_string().contains("AUDIT"));
+
+        s.operator_audit = Some(AuditSpec {
+            kms_key_arn: Some("arn:aws:kms:us-east-1:1:key/audit".into()),
+            storage_size: "5Gi".into(),
+            storage_class: Some("gp3".into()),
+        });
+        let m = manifests(&s);
+        let sts = operator(&m);
+        let e = env_of(sts);
+        assert_eq!(
+            e["AGENTPLANE_AUDIT_KMS_KEY_ID"],
+            "arn:aws:kms:us-east-1:1:key/audit"
+        );
+        assert!(!e.contains_key("AGENTPLANE_AUDIT_KEY_FILE"));
+        let claim = &sts["spec"]["volumeClaimTemplates"][0]["spec"];
+        assert_eq!(claim["storageClassName"], "gp3");
+        assert_eq!(claim["resources"]["requests"]["storage"], "5Gi");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! - through OpenTofu (protocol 6) and Terraform 1.5.7 (protocol 5), installed from a
 //!   filesystem mirror like `tests/e2e.rs`, for the whole lifecycle: create, empty second plan,
 //!   in-place update, ForceNew replacement, import, out-of-band delete -> recreate, a conflict
-//!   reported and then forced, destroy leaving nothing behind.
+//!   reported and then forced, destroy leaving nothing behind; and (OpenTofu only) the
+//!   operator's audit log: the Deployment/StatefulSet switch and the storage change refused at
+//!   plan.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -233,13 +235,60 @@ fn tiers() -> Json {
 }
 
 /// The platform's objects equal the chart's for the same inputs (release `agentplane`),
-/// apart from labels and annotations (Helm's bookkeeping, and the checksum's algorithm).
+/// apart from labels and annotations (Helm's bookkeeping, and the checksum's algorithm): without
+/// the audit log, and with it (local key and cluster-default class; KMS key and a class), where
+/// both render the operator as a StatefulSet.
 #[test]
 fn platform_objects_match_the_helm_chart() {
     let home = tempfile::tempdir().unwrap();
-    let values = home.path().join("values.yaml");
-    let ns = "agentplane-parity";
-    let vals = json!({
+    let audits = [
+        (json!({"enabled": false}), None),
+        (
+            json!({"enabled": true}),
+            Some(pm::AuditSpec {
+                kms_key_arn: None,
+                storage_size: "1Gi".into(),
+                storage_class: None,
+            }),
+        ),
+        (
+            json!({"enabled": true, "kmsKeyArn": "arn:aws:kms:eu-west-1:1:key/audit",
+                   "storage": {"size": "5Gi", "storageClassName": "gp3"}}),
+            Some(pm::AuditSpec {
+                kms_key_arn: Some("arn:aws:kms:eu-west-1:1:key/audit".into()),
+                storage_size: "5Gi".into(),
+                storage_class: Some("gp3".into()),
+            }),
+        ),
+    ];
+    for (values, audit) in audits {
+        let chart = parity_chart(home.path(), &values);
+        let ours = pm::manifests(&parity_spec(audit.clone()));
+        assert_same_objects(&chart, &ours);
+        let operator = |objs: &[Json]| {
+            objs.iter()
+                .filter(|o| o["metadata"]["name"] == "agentplane-operator")
+                .filter(|o| o["kind"] == "Deployment" || o["kind"] == "StatefulSet")
+                .map(|o| o["kind"].clone())
+                .collect::<Vec<_>>()
+        };
+        let kind = if audit.is_some() {
+            "StatefulSet"
+        } else {
+            "Deployment"
+        };
+        assert_eq!(operator(&chart), vec![json!(kind)], "{values}");
+        assert_eq!(operator(&ours), vec![json!(kind)], "{values}");
+    }
+}
+
+const PARITY_NS: &str = "agentplane-parity";
+
+/// `helm template` of the parity inputs, with `audit` as `operator.audit`.
+fn parity_chart(home: &Path, audit: &Json) -> Vec<Json> {
+    let values = home.join("values.yaml");
+    let ns = PARITY_NS;
+    let mut vals = json!({
         "image": {"repository": "example.com/agentplane", "tag": "1.2.3"},
         "aws": {"region": "eu-west-1"},
         "queue": {"url": "https://sqs.eu-west-1.amazonaws.com/1/tasks", "deadLetterUrl": "https://sqs.eu-west-1.amazonaws.com/1/tasks-dlq",
@@ -251,12 +300,13 @@ fn platform_objects_match_the_helm_chart() {
                    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/worker"}}},
         "gateway": {"replicas": 1, "credentialsSecret": "gw-creds", "service": {"type": "LoadBalancer", "port": 8443}},
     });
+    vals["operator"]["audit"] = audit.clone();
     std::fs::write(&values, serde_yaml::to_string(&vals).unwrap()).unwrap();
     let out = agentplane_testsupport::peer_command("helm")
         .unwrap_or_else(|e| panic!("{e}"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
         .args(["template", "agentplane"])
         .arg(agentplane_testsupport::repo_root().join("charts/agentplane"))
         .args(["--namespace", ns, "--values"])
@@ -268,10 +318,13 @@ fn platform_objects_match_the_helm_chart() {
         "helm template: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let chart = parse_stream(&String::from_utf8_lossy(&out.stdout));
+    parse_stream(&String::from_utf8_lossy(&out.stdout))
+}
 
-    let spec = PlatformSpec {
-        namespace: ns.into(),
+/// The platform inputs matching `parity_chart`'s values.
+fn parity_spec(operator_audit: Option<pm::AuditSpec>) -> PlatformSpec {
+    PlatformSpec {
+        namespace: PARITY_NS.into(),
         create_namespace: false,
         image: "example.com/agentplane:1.2.3".into(),
         image_pull_policy: "IfNotPresent".into(),
@@ -288,6 +341,7 @@ fn platform_objects_match_the_helm_chart() {
         log_format: "json".into(),
         operator_replicas: 3,
         operator_concurrency: 8,
+        operator_audit,
         worker_replicas: Some(4),
         worker_concurrency: 6,
         worker_secret_names: vec!["openai-api-key".into()],
@@ -305,9 +359,11 @@ fn platform_objects_match_the_helm_chart() {
                 "arn:aws:iam::1:role/worker".to_string(),
             )]),
         )]),
-    };
-    let ours = pm::manifests(&spec);
+    }
+}
 
+/// Both sides render the same objects, field for field (see `normalize`).
+fn assert_same_objects(chart: &[Json], ours: &[Json]) {
     let key = |o: &Json| {
         format!(
             "{} {}",
@@ -327,7 +383,7 @@ fn platform_objects_match_the_helm_chart() {
     };
     assert_eq!(our_keys, chart_keys, "the same objects");
 
-    for theirs in &chart {
+    for theirs in chart {
         let mine = ours.iter().find(|o| key(o) == key(theirs)).unwrap();
         let k = key(theirs);
         if theirs["kind"] == "ServiceAccount" {
@@ -336,7 +392,7 @@ fn platform_objects_match_the_helm_chart() {
                 "{k}: annotations"
             );
         }
-        if theirs["kind"] == "Deployment" {
+        if theirs["kind"] == "Deployment" || theirs["kind"] == "StatefulSet" {
             let ann = |o: &Json| {
                 o.pointer("/spec/template/metadata/annotations/checksum~1models")
                     .is_some()
@@ -1516,6 +1572,210 @@ fn lifecycle(client: &'static str, protocol: u32) {
             &serde_json::to_value(n).unwrap()
         ));
     });
+}
+
+impl Workspace {
+    /// A platform alone (no gateway, one operator replica) with `audit` as extra attribute lines.
+    fn platform_only(&self, audit: &str) {
+        let server = env(self.stack, "AGENTPLANE_KUBE_SERVER");
+        let ns = &self.ns;
+        let tf = format!(
+            r#"{provider}
+resource "agentplane_platform" "p" {{
+  namespace         = "{ns}"
+  image             = "example.com/agentplane:1.0.0"
+  queue_url         = "http://127.0.0.1:5000/123456789012/{ns}-tasks"
+  dlq_url           = "http://127.0.0.1:5000/123456789012/{ns}-tasks-dlq"
+  region            = "{TEST_REGION}"
+  operator_replicas = 1
+  gateway_enabled   = false
+{audit}}}
+"#,
+            provider = self.provider_block(&server),
+        );
+        std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
+    }
+
+    /// A plan that must fail; returns its output.
+    fn failing_plan(&self) -> String {
+        let out = self.run(&["plan", "-no-color", "-input=false"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "the plan should fail:\n{text}");
+        text
+    }
+}
+
+/// The operator's workload kinds in `ns`: which of Deployment and StatefulSet exist.
+async fn operator_kinds(kc: &kube::Client, ns: &str) -> (Option<Json>, Option<Json>) {
+    (
+        get(kc, "apps/v1", "Deployment", ns, "agentplane-operator").await,
+        get(kc, "apps/v1", "StatefulSet", ns, "agentplane-operator").await,
+    )
+}
+
+fn claim_of(sts: &Json) -> &Json {
+    &sts["spec"]["volumeClaimTemplates"][0]["spec"]
+}
+
+/// The operator's audit log through OpenTofu against the real kube-apiserver: turning it on
+/// replaces the operator Deployment by a StatefulSet in one in-place update (and off, the
+/// reverse); a size the API server respells (`1.5Gi` is stored as `1536Mi`) plans empty; import
+/// reads the audit inputs back; a storage change while the StatefulSet exists is refused at plan
+/// with the reason and the way out, and goes through once the StatefulSet is gone.
+#[test]
+fn tofu_operator_audit_switches_kind_and_guards_its_storage() {
+    let ws = Workspace::new("tofu", 6);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kc = rt.block_on(ws.stack.kube_client()).unwrap();
+    let ns = ws.ns.clone();
+    let key = "arn:aws:kms:us-east-1:123456789012:key/audit";
+    let audit = |size: &str| {
+        format!(
+            "  operator_audit_enabled       = true\n  operator_audit_kms_key_arn   = \"{key}\"\n  operator_audit_storage_size  = \"{size}\"\n  operator_audit_storage_class = \"standard\"\n"
+        )
+    };
+
+    ws.platform_only("");
+    ws.ok(&["init", "-no-color", "-input=false"]);
+    ws.apply();
+    ws.assert_empty_plan("apply without the audit log");
+    let (d, sts) = rt.block_on(operator_kinds(&kc, &ns));
+    assert!(d.is_some() && sts.is_none(), "a Deployment, no StatefulSet");
+
+    // On: one in-place update swaps the kinds.
+    ws.platform_only(&audit("1.5Gi"));
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains("agentplane_platform.p will be updated in-place")
+            && plan.contains(&format!("\"StatefulSet {ns}/agentplane-operator\""))
+            && plan.contains("0 to add, 1 to change, 0 to destroy"),
+        "{plan}"
+    );
+    ws.apply();
+    ws.assert_empty_plan("enabling the audit log");
+    let (d, sts) = rt.block_on(operator_kinds(&kc, &ns));
+    assert!(d.is_none(), "the operator Deployment must be gone");
+    let sts = sts.expect("the operator StatefulSet");
+    assert_eq!(
+        sts["metadata"]["managedFields"][0]["manager"],
+        FIELD_MANAGER
+    );
+    assert_eq!(sts["spec"]["serviceName"], "agentplane-operator-metrics");
+    let env: BTreeMap<&str, &str> = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .collect();
+    assert_eq!(
+        env["AGENTPLANE_AUDIT_ORIGIN"],
+        format!("agentplane.dev/audit/{ns}/$(AGENTPLANE_POD_NAME)")
+    );
+    assert_eq!(
+        env["AGENTPLANE_AUDIT_LOG"],
+        "/var/lib/agentplane/audit/audit.sqlite"
+    );
+    assert_eq!(env["AGENTPLANE_AUDIT_KMS_KEY_ID"], key);
+    assert!(!env.contains_key("AGENTPLANE_AUDIT_KEY_FILE"));
+    assert_eq!(claim_of(&sts)["storageClassName"], "standard");
+    assert_eq!(
+        claim_of(&sts)["resources"]["requests"]["storage"],
+        "1536Mi",
+        "the API server's spelling, which must not plan a change"
+    );
+
+    // Import reads the audit inputs back. It cannot know the configuration's spelling of the
+    // size, so it takes the API server's, and the plan shows the one no-op update to `1.5Gi`
+    // (no storage error: it is the same amount); after it, the plan is empty again.
+    ws.ok(&["state", "rm", "-no-color", "agentplane_platform.p"]);
+    ws.ok(&[
+        "import",
+        "-no-color",
+        "-input=false",
+        "agentplane_platform.p",
+        &ns,
+    ]);
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    let changed: Vec<&str> = plan
+        .lines()
+        .filter(|l| l.trim_start().starts_with('~') || l.trim_start().starts_with('+'))
+        .collect();
+    assert_eq!(
+        changed,
+        vec![
+            "  ~ update in-place",
+            "  ~ resource \"agentplane_platform\" \"p\" {",
+            "      ~ operator_audit_storage_size  = \"1536Mi\" -> \"1.5Gi\"",
+        ],
+        "{plan}"
+    );
+    ws.apply();
+    ws.assert_empty_plan("import of the audited platform");
+
+    // A new size while the StatefulSet exists: refused at plan, nothing touched.
+    ws.platform_only(&audit("2Gi"));
+    let text = ws.failing_plan();
+    assert!(
+        text.contains("Audit storage cannot change in place")
+            && text.contains("operator_audit_storage_size")
+            && text.contains("--cascade=orphan"),
+        "{text}"
+    );
+    let (_, sts) = rt.block_on(operator_kinds(&kc, &ns));
+    assert_eq!(
+        claim_of(&sts.unwrap())["resources"]["requests"]["storage"],
+        "1536Mi"
+    );
+
+    // Once the StatefulSet is gone (a user runs `kubectl delete --cascade=orphan`; here, without
+    // a garbage collector to clear the orphan finalizer, a plain delete stands for it), the
+    // refresh sees it missing and the new size recreates it.
+    rt.block_on(async {
+        api(&kc, "apps/v1", "StatefulSet", Some(&ns))
+            .delete("agentplane-operator", &Default::default())
+            .await
+            .unwrap();
+    });
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains(&format!(
+            "StatefulSet {ns}/agentplane-operator: deleted outside Terraform"
+        )),
+        "{plan}"
+    );
+    ws.apply();
+    ws.assert_empty_plan("recreating the StatefulSet with the new size");
+    let (_, sts) = rt.block_on(operator_kinds(&kc, &ns));
+    assert_eq!(
+        claim_of(&sts.unwrap())["resources"]["requests"]["storage"],
+        "2Gi"
+    );
+
+    // Off: the Deployment comes back and the StatefulSet goes.
+    ws.platform_only("");
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains("0 to add, 1 to change, 0 to destroy"),
+        "{plan}"
+    );
+    ws.apply();
+    ws.assert_empty_plan("disabling the audit log");
+    let (d, sts) = rt.block_on(operator_kinds(&kc, &ns));
+    assert!(
+        d.is_some() && sts.is_none(),
+        "a Deployment again, no StatefulSet"
+    );
+
+    let out = ws.ok(&["destroy", "-no-color", "-input=false", "-auto-approve"]);
+    assert!(out.contains("1 destroyed"), "{out}");
 }
 
 /// A closed port in the provider's `kubernetes` block reaches the user as a diagnostic naming

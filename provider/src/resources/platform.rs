@@ -1,6 +1,8 @@
 //! `agentplane_platform`: installs the agentplane CRDs and the distributed runtime (operator,
 //! workers, gateway, their RBAC, the models ConfigMap, Services) into one namespace by
-//! server-side apply — the runtime `charts/agentplane` installs, without Helm.
+//! server-side apply — the runtime `charts/agentplane` installs, without Helm. With the audit
+//! log on, the operator is a StatefulSet instead of a Deployment; the kind switch is an in-place
+//! update, and a change to its immutable volume claim templates is refused at plan.
 //!
 //! Drift: read maps the live objects back onto the inputs they came from (image, queue URLs,
 //! replicas, model tiers...), and for everything else asks the API server, by a dry-run apply
@@ -31,6 +33,12 @@ use crate::platform_manifests::{self as pm, FULLNAME, PlatformSpec};
 pub const TYPE: &str = "agentplane_platform";
 pub const DEFAULT_IMAGE: &str =
     concat!("ghcr.io/agentplane/agentplane:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_AUDIT_STORAGE: &str = "1Gi";
+/// The attributes that become the operator StatefulSet's volume claim template.
+const AUDIT_STORAGE_ATTRS: [&str; 2] = [
+    "operator_audit_storage_size",
+    "operator_audit_storage_class",
+];
 /// How long CRDs get to become Established after they are applied.
 const CRD_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -45,7 +53,7 @@ fn computed_list(name: &'static str) -> Attribute {
 }
 
 fn schema_block() -> Block {
-    Block::new("The agentplane runtime in one namespace: the CRDs (AgentTask, EdgeDevice, AgentPolicy), the operator, worker and gateway Deployments with the runtime's environment contract, least-privilege RBAC, the `agentplane-models` ConfigMap, the join-tokens Secret, Services and PodDisruptionBudgets — the objects `charts/agentplane` installs, applied by server-side apply as field manager `agentplane-terraform`.")
+    Block::new("The agentplane runtime in one namespace: the CRDs (AgentTask, EdgeDevice, AgentPolicy), the operator, worker and gateway Deployments (the operator a StatefulSet with a volume per replica when it keeps the audit log) with the runtime's environment contract, least-privilege RBAC, the `agentplane-models` ConfigMap, the join-tokens Secret, Services and PodDisruptionBudgets — the objects `charts/agentplane` installs, applied by server-side apply as field manager `agentplane-terraform`.")
         .attr(Attribute::string("id").computed().describe("The namespace."))
         .attr(Attribute::string("namespace").required().force_new().validate(Validator::LenRange(1, 63)).describe("Namespace the runtime runs in and acts on. Changing it replaces the platform."))
         .attr(Attribute::bool("create_namespace").default(Value::Bool(true)).describe("Create (and on destroy delete) the namespace. When false it must already exist and is left alone."))
@@ -63,6 +71,10 @@ fn schema_block() -> Block {
         .attr(Attribute::string("log_format").default(Value::string("json")).validate(Validator::OneOf(&["json", "text"])).describe("`json` or `text`."))
         .attr(Attribute::number("operator_replicas").default(Value::int(2)).validate(Validator::IntRange(0, 100)).describe("Operator replicas (one leader at a time)."))
         .attr(Attribute::number("operator_concurrency").default(Value::int(16)).validate(Validator::IntRange(1, 1024)).describe("Reconciles at once (`AGENTPLANE_CONCURRENCY`)."))
+        .attr(Attribute::bool("operator_audit_enabled").default(Value::Bool(false)).describe("Keep the operator's tamper-evident audit log: the operator runs as a StatefulSet with a volume per replica (one log per replica, origin `agentplane.dev/audit/<namespace>/<pod>`) instead of a Deployment. Switching it deletes one kind and creates the other; the volumes are kept."))
+        .attr(Attribute::string("operator_audit_kms_key_arn").optional().describe("KMS key (KeySpec ECC_NIST_P256, KeyUsage SIGN_VERIFY) that signs the audit checkpoints (`AGENTPLANE_AUDIT_KMS_KEY_ID`); the operator's role needs `kms:Sign` and `kms:GetPublicKey` on it. Unset: a local Ed25519 key on each replica's volume."))
+        .attr(Attribute::string("operator_audit_storage_size").default(Value::string(DEFAULT_AUDIT_STORAGE)).describe("Size of each operator replica's audit volume, a Kubernetes quantity (e.g. `1Gi`). Cannot change while the StatefulSet exists (its volume claim templates are immutable)."))
+        .attr(Attribute::string("operator_audit_storage_class").optional().describe("StorageClass of the audit volumes; unset uses the cluster's default. Cannot change while the StatefulSet exists."))
         .attr(Attribute::number("worker_replicas").optional().validate(Validator::IntRange(0, 1000)).describe("Worker replicas. Leave unset when `agentplane_keda_scaler` (or another autoscaler) scales the workers: the field is then not ours and never fought over."))
         .attr(Attribute::number("worker_concurrency").default(Value::int(4)).validate(Validator::IntRange(1, 1024)).describe("Tasks per worker pod (`AGENTPLANE_WORKERS`)."))
         .attr(string_list("worker_secret_names").optional().describe("The only Secrets the workers may `get` (third-party API keys)."))
@@ -127,6 +139,7 @@ pub fn spec_from_value(v: &Value) -> Result<PlatformSpec, String> {
         log_format: text(v, "log_format", "json"),
         operator_replicas: int(v, "operator_replicas", 2),
         operator_concurrency: int(v, "operator_concurrency", 16),
+        operator_audit: audit_from_value(v),
         worker_replicas: v.get("worker_replicas").as_i64(),
         worker_concurrency: int(v, "worker_concurrency", 4),
         worker_secret_names: k::strings(v.get("worker_secret_names")),
@@ -139,6 +152,20 @@ pub fn spec_from_value(v: &Value) -> Result<PlatformSpec, String> {
         gateway_credentials_secret: k::opt_str(v.get("gateway_credentials_secret")),
         service_account_annotations: annotations,
     })
+}
+
+/// The operator's audit log settings, when it keeps one.
+fn audit_from_value(v: &Value) -> Option<pm::AuditSpec> {
+    (v.get("operator_audit_enabled").as_bool() == Some(true)).then(|| pm::AuditSpec {
+        kms_key_arn: k::opt_str(v.get("operator_audit_kms_key_arn")),
+        storage_size: text(v, "operator_audit_storage_size", DEFAULT_AUDIT_STORAGE),
+        storage_class: k::opt_str(v.get("operator_audit_storage_class")),
+    })
+}
+
+/// A storage size as the chart's schema accepts it: a quantity in bytes (no milli-units).
+fn is_storage_size(s: &str) -> bool {
+    k::parse_quantity(s).is_some() && !s.ends_with('m')
 }
 
 /// `Kind namespace/name` of every object, as the `objects` attribute lists them.
@@ -160,6 +187,7 @@ fn set_computed(v: &mut Value) {
         "create_namespace",
         "gateway_enabled",
         "gateway_service_port",
+        "operator_audit_enabled",
     ]
     .iter()
     .all(|a| !v.get(a).is_unknown());
@@ -261,13 +289,16 @@ async fn apply(
         }
     }
 
-    // No kubelet has to run the pods for the platform to be installed; the Deployments must
+    // No kubelet has to run the pods for the platform to be installed; the workloads must
     // exist, though, which the API confirms here.
-    for m in manifests.iter().filter(|m| m["kind"] == "Deployment") {
+    for m in manifests
+        .iter()
+        .filter(|m| m["kind"] == "Deployment" || m["kind"] == "StatefulSet")
+    {
         let r = ObjRef::of(m).map_err(|e| Diagnostics::single("Internal error", e))?;
         if kube.get(&w, &r).await?.is_none() {
             return Err(Diagnostics::single(
-                format!("Deployment missing after apply for {w}"),
+                format!("{} missing after apply for {w}", r.ar.kind),
                 format!(
                     "{r} was applied at {} but cannot be read back.",
                     kube.endpoint()
@@ -388,6 +419,68 @@ fn observe_operator(d: &Json, s: &mut Value) {
     );
 }
 
+/// Gives every attribute that nothing live carried (an import, or the settings of a component
+/// that is switched off: the gateway's, the audit log's) its default, or null, as the plan of a
+/// configuration leaving it unset has it, so an import plans no change.
+fn fill_defaults(s: &mut Value) {
+    for a in schema_block().attributes {
+        if s.get(a.name).is_null() {
+            s.set(a.name, a.default.unwrap_or(Value::Null));
+        }
+    }
+}
+
+/// Whether the operator keeps an audit log, from which of its two kinds exists. With both or
+/// neither (a kind switch that failed half way, or the workload deleted) the state keeps what
+/// it had: the drift check then names what is missing, and the next apply finishes the switch.
+fn operator_audited(deployment: bool, statefulset: bool, state: &Value) -> bool {
+    match (deployment, statefulset) {
+        (false, true) => true,
+        (true, false) => false,
+        _ => state.get("operator_audit_enabled").as_bool() == Some(true),
+    }
+}
+
+/// Maps the live operator StatefulSet's audit settings onto their inputs. A size the API
+/// server spells differently (`1024Mi` for `1Gi`) keeps the configured spelling.
+fn observe_audit(sts: &Json, s: &mut Value, prior: &Value) {
+    let e = env_map(container(sts));
+    s.set(
+        "operator_audit_kms_key_arn",
+        Value::opt_string(
+            e.get("AGENTPLANE_AUDIT_KMS_KEY_ID")
+                .filter(|k| !k.is_empty())
+                .cloned(),
+        ),
+    );
+    let claim = sts
+        .pointer("/spec/volumeClaimTemplates")
+        .and_then(Json::as_array)
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c["metadata"]["name"] == pm::AUDIT_VOLUME)
+        })
+        .map(|c| &c["spec"]);
+    let Some(claim) = claim else { return };
+    if let Some(size) = claim
+        .pointer("/resources/requests/storage")
+        .and_then(Json::as_str)
+    {
+        let configured = prior
+            .get("operator_audit_storage_size")
+            .as_str()
+            .filter(|c| k::same_quantity(c, size));
+        s.set(
+            "operator_audit_storage_size",
+            Value::string(configured.unwrap_or(size)),
+        );
+    }
+    s.set(
+        "operator_audit_storage_class",
+        Value::opt_string(claim["storageClassName"].as_str()),
+    );
+}
+
 fn observe_gateway(d: &Json, s: &mut Value) {
     set_num(s, "gateway_replicas", d["spec"]["replicas"].as_i64());
     let c = container(d);
@@ -501,7 +594,10 @@ async fn read_platform(data: &ProviderData, state: &Value) -> Result<Option<Valu
     };
     let importing = state.get("queue_url").is_null();
     let dep = |c: &str| format!("{FULLNAME}-{c}");
-    let operator = get_named(&kube, &w, "apps/v1", "Deployment", &ns, &dep("operator")).await?;
+    let operator_deployment =
+        get_named(&kube, &w, "apps/v1", "Deployment", &ns, &dep("operator")).await?;
+    let operator_statefulset =
+        get_named(&kube, &w, "apps/v1", "StatefulSet", &ns, &dep("operator")).await?;
     let worker = get_named(&kube, &w, "apps/v1", "Deployment", &ns, &dep("worker")).await?;
     let gateway = get_named(&kube, &w, "apps/v1", "Deployment", &ns, &dep("gateway")).await?;
     if importing && worker.is_none() {
@@ -515,8 +611,22 @@ async fn read_platform(data: &ProviderData, state: &Value) -> Result<Option<Valu
     if let Some(d) = &worker {
         observe_worker(d, &mut s);
     }
-    if let Some(d) = &operator {
+    let audited = operator_audited(
+        operator_deployment.is_some(),
+        operator_statefulset.is_some(),
+        state,
+    );
+    s.set("operator_audit_enabled", Value::Bool(audited));
+    let operator = if audited {
+        &operator_statefulset
+    } else {
+        &operator_deployment
+    };
+    if let Some(d) = operator {
         observe_operator(d, &mut s);
+        if audited {
+            observe_audit(d, &mut s, state);
+        }
     }
     match &gateway {
         Some(d) => {
@@ -570,11 +680,7 @@ async fn read_platform(data: &ProviderData, state: &Value) -> Result<Option<Valu
             Value::Bool(k::managed_by_us(&namespace)),
         );
     }
-    for flag in ["force", "delete_crds"] {
-        if s.get(flag).is_null() {
-            s.set(flag, Value::Bool(false));
-        }
-    }
+    fill_defaults(&mut s);
     s.set(
         "crds_established",
         Value::Bool(crds_established(&kube, &w).await?),
@@ -595,6 +701,92 @@ async fn read_platform(data: &ProviderData, state: &Value) -> Result<Option<Valu
     s.set("drift", Value::List(drift));
     set_computed(&mut s);
     Ok(Some(s))
+}
+
+/// The operator's audit settings: a storage size the chart's schema would accept, a
+/// StorageClass name, a KMS key reference.
+fn validate_audit(config: &Value, diags: &mut Diagnostics) {
+    if let Some(size) = config.get("operator_audit_storage_size").as_str()
+        && !is_storage_size(size)
+    {
+        diags.attr_error(
+            AttrPath::attr("operator_audit_storage_size"),
+            "Invalid storage size",
+            format!(
+                "{size:?} is not a Kubernetes quantity of bytes, e.g. `1Gi`, `500Mi` or `10G`."
+            ),
+        );
+    }
+    if let Some(class) = config.get("operator_audit_storage_class").as_str()
+        && !k::is_dns_subdomain(class)
+    {
+        diags.attr_error(
+            AttrPath::attr("operator_audit_storage_class"),
+            "Invalid StorageClass name",
+            format!("{class:?} is not a valid StorageClass name (lowercase letters, digits, '-' and '.')."),
+        );
+    }
+    if let Some(key) = config.get("operator_audit_kms_key_arn").as_str()
+        && (key.is_empty() || key.len() > 2048 || key.contains(char::is_whitespace))
+    {
+        diags.attr_error(
+            AttrPath::attr("operator_audit_kms_key_arn"),
+            "Invalid KMS key",
+            format!("{key:?} is not a KMS key ARN, alias or key id."),
+        );
+    }
+}
+
+/// Whether the last refresh found the operator StatefulSet deleted: its claim templates are
+/// then free to change (the next apply creates it anew).
+fn operator_statefulset_gone(prior: &Value) -> bool {
+    let Some(ns) = prior.get("namespace").as_str() else {
+        return false;
+    };
+    let gone = format!("StatefulSet {ns}/{FULLNAME}-operator: deleted outside Terraform");
+    k::strings(prior.get("drift")).contains(&gone)
+}
+
+/// Refuses, at plan, to change the audit volumes of an operator StatefulSet that exists.
+/// Kubernetes refuses any change to a StatefulSet's volume claim templates, and replacing the
+/// StatefulSet would not help: the claims `audit-agentplane-operator-<n>` outlive it (they hold
+/// the audit logs) and the new one would reuse them as they are, so the state would claim a
+/// size or class the logs' volumes do not have. Unknown values are checked when they are known
+/// (Terraform plans again at apply).
+fn check_audit_storage(prior: &Value, planned: &Value, diags: &mut Diagnostics) {
+    let audited = |v: &Value| v.get("operator_audit_enabled").as_bool() == Some(true);
+    if prior.is_null() || !audited(prior) || !audited(planned) || operator_statefulset_gone(prior) {
+        return;
+    }
+    let ns = prior.get("namespace").as_str().unwrap_or("<namespace>");
+    for attr in AUDIT_STORAGE_ATTRS {
+        let (old, new) = (prior.get(attr), planned.get(attr));
+        if new.is_unknown() {
+            continue;
+        }
+        let unchanged = match (k::opt_str(old), k::opt_str(new)) {
+            (Some(a), Some(b)) => a == b || k::same_quantity(&a, &b),
+            (a, b) => a == b,
+        };
+        if unchanged {
+            continue;
+        }
+        let show = |v: &Value| v.as_str().map_or("unset".to_string(), |s| format!("{s:?}"));
+        diags.attr_error(
+            AttrPath::attr(attr),
+            "Audit storage cannot change in place",
+            format!(
+                "{attr} {} -> {}: the operator StatefulSet {ns}/{FULLNAME}-operator exists, and Kubernetes refuses any change to its volume claim templates. Replacing it would not resize or move the volumes either: the claims {}-{FULLNAME}-operator-<n> hold the replicas' audit logs, outlive the StatefulSet and would be reused as they are.\n\
+                 Keep {}, or:\n\
+                 - to grow the volumes without a gap in the logs: expand each claim (its StorageClass must allow expansion), run `kubectl -n {ns} delete statefulset {FULLNAME}-operator --cascade=orphan` (the pods keep running), refresh and apply the new size: the StatefulSet is created again and adopts the pods;\n\
+                 - to start over on new volumes: copy and verify the logs (`agentplane audit verify`), set operator_audit_enabled = false and apply, delete the claims, then enable the log with the new storage.",
+                show(old),
+                show(new),
+                pm::AUDIT_VOLUME,
+                show(old),
+            ),
+        );
+    }
 }
 
 #[async_trait]
@@ -659,15 +851,17 @@ impl Resource<ProviderData> for Platform {
             &AttrPath::attr("model_tier"),
             diags,
         );
+        validate_audit(config, diags);
     }
 
     fn modify_plan(
         &self,
-        _prior: &Value,
+        prior: &Value,
         planned: &mut Value,
         _config: &Value,
-        _diags: &mut Diagnostics,
+        diags: &mut Diagnostics,
     ) {
+        check_audit_storage(prior, planned, diags);
         set_computed(planned);
         planned.set("crds_established", Value::Bool(true));
         // Whatever drift was read, applying this plan removes it.
@@ -800,6 +994,123 @@ mod tests {
         ] {
             assert_eq!(s.get(a), p.get(a), "{a}");
         }
+    }
+
+    /// A planned value for `config` with the audit log on, as Terraform would plan it.
+    fn audited(size: &str, class: Option<&str>) -> Value {
+        let mut cfg = config();
+        cfg.set("operator_audit_enabled", Value::Bool(true));
+        cfg.set("operator_audit_storage_size", Value::string(size));
+        cfg.set("operator_audit_storage_class", Value::opt_string(class));
+        let mut p = plan::plan(&schema_block(), &Value::Null, &cfg, &cfg).state;
+        Platform.modify_plan(&Value::Null, &mut p, &cfg, &mut Diagnostics::new());
+        p
+    }
+
+    fn plan_errors(prior: &Value, planned: &Value) -> String {
+        let mut d = Diagnostics::new();
+        let mut p = planned.clone();
+        Platform.modify_plan(prior, &mut p, planned, &mut d);
+        d.to_string()
+    }
+
+    #[test]
+    fn audit_storage_of_an_existing_statefulset_cannot_change() {
+        let prior = audited("1Gi", None);
+        assert!(
+            k::strings(prior.get("objects"))
+                .contains(&"StatefulSet ap/agentplane-operator".to_string())
+        );
+        // The same amount spelled another way is no change.
+        assert_eq!(plan_errors(&prior, &audited("1024Mi", None)), "");
+        let err = plan_errors(&prior, &audited("2Gi", None));
+        assert!(err.contains("operator_audit_storage_size"), "{err}");
+        assert!(err.contains("\"1Gi\" -> \"2Gi\""), "{err}");
+        assert!(err.contains("--cascade=orphan"), "{err}");
+        let err = plan_errors(&prior, &audited("1Gi", Some("gp3")));
+        assert!(err.contains("operator_audit_storage_class"), "{err}");
+        assert!(err.contains("unset -> \"gp3\""), "{err}");
+
+        // Free to change while no StatefulSet holds them: the log was off...
+        let mut off = prior.clone();
+        off.set("operator_audit_enabled", Value::Bool(false));
+        assert_eq!(plan_errors(&off, &audited("2Gi", Some("gp3"))), "");
+        // ...or the refresh found the StatefulSet deleted.
+        let mut gone = prior.clone();
+        gone.set(
+            "drift",
+            Value::List(vec![Value::string(
+                "StatefulSet ap/agentplane-operator: deleted outside Terraform",
+            )]),
+        );
+        assert_eq!(plan_errors(&gone, &audited("2Gi", None)), "");
+        // Turning the log off is always allowed.
+        let mut disable = audited("2Gi", None);
+        disable.set("operator_audit_enabled", Value::Bool(false));
+        assert_eq!(plan_errors(&prior, &disable), "");
+    }
+
+    #[test]
+    fn audit_settings_are_validated() {
+        let mut cfg = config();
+        cfg.set("operator_audit_storage_size", Value::string("lots"));
+        cfg.set("operator_audit_storage_class", Value::string("Fast_SSD"));
+        cfg.set("operator_audit_kms_key_arn", Value::string("not a key"));
+        let mut d = Diagnostics::new();
+        Platform.validate(&cfg, &mut d);
+        let text = d.to_string();
+        for attr in [
+            "operator_audit_storage_size",
+            "operator_audit_storage_class",
+            "operator_audit_kms_key_arn",
+        ] {
+            assert!(text.contains(attr), "{attr}: {text}");
+        }
+        for ok in ["1Gi", "500Mi", "10G", "1.5Gi"] {
+            assert!(is_storage_size(ok), "{ok}");
+        }
+        for bad in ["", "1500m", "-1Gi", "1 Gi"] {
+            assert!(!is_storage_size(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn operator_statefulset_maps_back_onto_the_audit_inputs() {
+        let p = audited("1Gi", Some("gp3"));
+        let mut p2 = p.clone();
+        p2.set(
+            "operator_audit_kms_key_arn",
+            Value::string("arn:aws:kms:us-east-1:1:key/a"),
+        );
+        let spec = spec_from_value(&p2).unwrap();
+        let mut sts = pm::manifests(&spec)
+            .into_iter()
+            .find(|m| m["kind"] == "StatefulSet")
+            .unwrap();
+        // The API server writes quantities back in its own spelling.
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] =
+            serde_json::json!("1024Mi");
+        let mut s = config();
+        observe_audit(&sts, &mut s, &p2);
+        for a in [
+            "operator_audit_kms_key_arn",
+            "operator_audit_storage_size",
+            "operator_audit_storage_class",
+        ] {
+            assert_eq!(s.get(a), p2.get(a), "{a}");
+        }
+        // Read from a state that had another size, the live one shows.
+        let mut other = p2.clone();
+        other.set("operator_audit_storage_size", Value::string("5Gi"));
+        observe_audit(&sts, &mut s, &other);
+        assert_eq!(
+            s.get("operator_audit_storage_size"),
+            &Value::string("1024Mi")
+        );
+
+        assert!(operator_audited(false, true, &Value::Null));
+        assert!(!operator_audited(true, false, &p));
+        assert!(operator_audited(true, true, &p), "both: the state decides");
     }
 
     #[test]
