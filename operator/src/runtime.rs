@@ -90,6 +90,8 @@ pub enum RuntimeError {
 /// The audit log file and its signing key, in the data directory.
 pub const AUDIT_LOG_FILE: &str = "audit.sqlite";
 pub const AUDIT_KEY_FILE: &str = "audit.key";
+/// How long the embedded audit log gathers appends before committing them (`batch_window`).
+const AUDIT_BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The origin line of the embedded runtime's checkpoints for `namespace`.
 pub fn audit_origin(namespace: &str) -> String {
@@ -186,6 +188,9 @@ async fn open_audit_log(cfg: &EmbeddedConfig) -> Result<Arc<AuditLog>, RuntimeEr
     // process crash), and a signed checkpoint never covers leaves an OS crash could take back. An
     // fsync per append on the runtime's hot path cost more than the rest of governance together.
     config.fsync_appends = false;
+    // Nobody waits for an append here (the store is pipelined), so appends can gather for a moment
+    // and share a transaction (fewer wake-ups and WAL page writes per leaf; see ci/bench/runtime).
+    config.batch_window = AUDIT_BATCH_WINDOW;
     let log = AuditLog::open(config, Arc::new(signer)).await?;
     tracing::info!(log = %log.path().display(), key_id = log.public_key().key_id(), "audit log open");
     Ok(log)

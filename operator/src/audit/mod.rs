@@ -63,26 +63,32 @@ impl EventKind {
 }
 
 /// One leaf of the audit log.
+///
+/// The fields are declared in the byte order of their JSON names, and `details` is a
+/// `serde_json::Map` (a `BTreeMap`: this workspace does not enable serde_json's `preserve_order`), so
+/// serialising an event directly already gives [`canonical_json`]'s bytes without building a
+/// `serde_json::Value` first — the log serialises every event it appends, on its hot path. The tests
+/// below hold both facts to account.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuditEvent {
-    /// The leaf index (0-based), assigned by the log when the event is appended.
-    pub seq: u64,
-    pub at: Timestamp,
-    pub kind: EventKind,
-    pub task: String,
-    pub namespace: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<TaskPhase>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<TaskPhase>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
     /// Who caused it, when known: `device/<name>` for admissions, the approver for approvals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    pub at: Timestamp,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<TaskPhase>,
+    pub kind: EventKind,
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The leaf index (0-based), assigned by the log when the event is appended.
+    pub seq: u64,
+    pub task: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<TaskPhase>,
 }
 
 impl AuditEvent {
@@ -102,9 +108,9 @@ impl AuditEvent {
         }
     }
 
-    /// The leaf bytes: canonical JSON.
+    /// The leaf bytes: canonical JSON (see the type's comment for why direct serialisation is).
     pub fn to_leaf(&self) -> Result<Vec<u8>, serde_json::Error> {
-        Ok(canonical_json(&serde_json::to_value(self)?).into_bytes())
+        serde_json::to_vec(self)
     }
 
     pub fn from_leaf(bytes: &[u8]) -> Result<Self, serde_json::Error> {
@@ -169,6 +175,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn leaves_are_canonical_with_every_field_and_nested_details() {
+        let mut e = AuditEvent::new(EventKind::Approval, "team-a", "t\"2");
+        e.seq = u64::MAX;
+        e.from = Some(TaskPhase::AwaitingApproval);
+        e.to = Some(TaskPhase::Queued);
+        e.reason = Some("ok \u{e9}\n".into());
+        e.actor = Some("alice".into());
+        // Keys inserted out of order, at two depths: a preserve_order Map would keep this order.
+        let mut inner = serde_json::Map::new();
+        inner.insert("z".into(), serde_json::json!(1));
+        inner.insert("a".into(), serde_json::json!([{"y": 2, "b": null}]));
+        let mut details = serde_json::Map::new();
+        details.insert("version".into(), serde_json::json!("9"));
+        details.insert("usage".into(), serde_json::Value::Object(inner));
+        details.insert("decision".into(), serde_json::json!("approve"));
+        e.details = serde_json::Value::Object(details);
+        let leaf = e.to_leaf().unwrap();
+        assert_eq!(
+            String::from_utf8(leaf).unwrap(),
+            canonical_json(&serde_json::to_value(&e).unwrap())
+        );
+    }
+
+    #[test]
     fn canonical_json_sorts_keys_at_every_depth() {
         let v = serde_json::json!({"b": 1, "a": {"z": [3, {"y": "\"q\"", "x": null}], "c": true}});
         assert_eq!(
@@ -193,6 +223,11 @@ mod tests {
             "absent fields are omitted: {text}"
         );
         assert_eq!(AuditEvent::from_leaf(&bytes).unwrap(), e);
+        // Direct serialisation is the canonical form.
+        assert_eq!(
+            canonical_json(&serde_json::to_value(&e).unwrap()).into_bytes(),
+            bytes
+        );
         // The same event always gives the same bytes.
         assert_eq!(e.clone().to_leaf().unwrap(), bytes);
         // Unknown fields are refused, so a leaf cannot smuggle data past the reader.
