@@ -3,11 +3,18 @@
 //! (202, then the event stream to its terminal event). The floor measured in the same run is the same
 //! client doing `GET /healthz` (one HTTP round trip plus one store round trip) as fast as it can.
 //!
-//! Governance (issue 7): the same run is made with governance off (no audit log, a policy without
+//! Each runtime is measured twice: in a closed loop (every device submits its next intent as soon as
+//! the last one finished), which finds the saturation throughput and whose latencies are mostly
+//! queueing behind a busy CPU; and paced at `--rate` (default 1000 tasks/s, the runtime's rated
+//! load), latencies counted from each intent's scheduled time, which is the latency a device sees at
+//! that load.
+//!
+//! Governance (issue 7): the same runs are made with governance off (no audit log, a policy without
 //! rate limits or budgets) and on (the audit log, and a policy with a generous rate limit and a budget
 //! that does not run out), and with each half alone to show where the difference comes from; the modes
 //! alternate over `--rounds` so drift on a shared machine hits them alike. The ratio of the on and off
-//! p99s is the figure the < 10% goal is about. Beside it: what one audit append
+//! p99s is the figure the < 10% goal is about; at saturation it is governance's CPU cost seen as
+//! queueing, paced it is the latency governance adds. Beside it: what one audit append
 //! and checkpoint cost (`audit::bench`), and the admission step alone (`controller::reconcile` from
 //! Pending to Queued) with the policy off, on, and on with the audit log.
 
@@ -52,6 +59,13 @@ pub struct BenchArgs {
     /// Tasks for the admission-step figure (per policy setting).
     #[arg(long, default_value_t = 500)]
     admissions: usize,
+    /// Offered load of the paced runs, tasks/s (default: the embedded runtime's rated 1000/s).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Run only the submit -> Succeeded runs of this mode (for profiling one of them); the
+    /// comparisons, the audit log alone and the admission step are left out.
+    #[arg(long, value_enum)]
+    only: Option<Governance>,
 }
 
 pub(crate) struct Figures {
@@ -125,7 +139,7 @@ fn governed_policy() -> AgentPolicySpec {
 
 /// What a run turns on. `Off` and `On` are the comparison the goal is about; the two halves show
 /// where the difference comes from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Governance {
     Off = 0,
     PolicyOnly = 1,
@@ -254,21 +268,42 @@ impl Runtime {
         Ok(figures(lat, started.elapsed()))
     }
 
-    /// Submits `tasks` intents (spread over the devices) and follows each to Succeeded; returns the
-    /// latencies and the wall time.
-    async fn tasks(&self, tasks: usize) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    /// Submits `tasks` intents (spread over the devices, each device's seqs from `first_seq` up) and
+    /// follows each to Succeeded; returns the latencies and the wall time.
+    ///
+    /// Without `rate` every device submits its next intent as soon as the previous one finished (a
+    /// closed loop: it finds the saturation throughput, and its latencies are mostly queueing). With
+    /// `rate`, intents are offered on a fixed schedule (`rate` per second over all devices, each
+    /// device's turn every `devices / rate` s) and a latency counts from the intent's scheduled time,
+    /// not from when its device got round to it, so a slow task also charges the ones queued behind
+    /// it (no coordinated omission).
+    async fn tasks(
+        &self,
+        tasks: usize,
+        first_seq: u64,
+        rate: Option<f64>,
+    ) -> anyhow::Result<(Vec<Duration>, Duration)> {
         let concurrency = self.devices.len().max(1);
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for (w, d) in self.devices.iter().cloned().enumerate() {
             let client = self.client.clone();
             let n = tasks / concurrency + usize::from(w < tasks % concurrency);
             set.spawn(async move {
                 let mut lat = Vec::with_capacity(n);
-                for seq in 1..=n as u64 {
+                for i in 0..n {
+                    let seq = first_seq + i as u64;
                     let env =
                         d.sign(&d.intent(seq, INTENT, "benchmark prompt with a few words"))?;
-                    let t = Instant::now();
+                    let t = match rate {
+                        Some(rate) => {
+                            let slot = (i * concurrency + w) as f64 / rate;
+                            let at = started + Duration::from_secs_f64(slot);
+                            tokio::time::sleep_until(at).await;
+                            at
+                        }
+                        None => tokio::time::Instant::now(),
+                    };
                     let accepted = client.submit(&env).await?;
                     let last = client.follow(&d, &accepted.task_id, |_| {}).await?;
                     anyhow::ensure!(
@@ -410,29 +445,193 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The submit -> Succeeded latencies of one kind of run, per governance mode.
+#[derive(Default)]
+struct Series {
+    /// Every round's latencies and wall time, pooled per mode.
+    pooled: [(Vec<Duration>, Duration); 4],
+    /// p99 of each mode in each round: the ratio of on and off within a round is less exposed to a
+    /// neighbour's load on a shared machine than the pooled figures.
+    round_p99: Vec<[Duration; 4]>,
+    /// CPU seconds the whole process (runtime and load generator) used in the runs, and the tasks
+    /// they ran, per mode.
+    cpu: [Option<(f64, usize)>; 4],
+    /// A CPU reading of the mode failed (`/proc` unreadable).
+    cpu_unreadable: [bool; 4],
+}
+
+impl Series {
+    fn add_cpu(&mut self, governance: Governance, seconds: Option<f64>, tasks: usize) {
+        let i = governance as usize;
+        match seconds {
+            Some(more) if !self.cpu_unreadable[i] => {
+                let (s, n) = self.cpu[i].unwrap_or((0.0, 0));
+                self.cpu[i] = Some((s + more, n + tasks));
+            }
+            // One missing reading would make the sum a lie: show none.
+            _ => {
+                self.cpu_unreadable[i] = true;
+                self.cpu[i] = None;
+            }
+        }
+    }
+
+    /// CPU milliseconds per task of `governance`, when every reading worked.
+    fn cpu_per_task(&self, governance: Governance) -> Option<f64> {
+        let (s, n) = self.cpu[governance as usize]?;
+        (n > 0).then(|| s * 1000.0 / n as f64)
+    }
+
+    fn add(&mut self, round: usize, governance: Governance, lat: Vec<Duration>, wall: Duration) {
+        if self.round_p99.len() <= round {
+            self.round_p99.resize(round + 1, [Duration::ZERO; 4]);
+        }
+        self.round_p99[round][governance as usize] = figures(lat.clone(), wall).p99;
+        let slot = &mut self.pooled[governance as usize];
+        slot.0.extend(lat);
+        slot.1 += wall;
+    }
+
+    fn figures(&self) -> [Figures; 4] {
+        self.pooled.clone().map(|(lat, wall)| figures(lat, wall))
+    }
+
+    /// Prints every mode and the on : off comparison the goal is about.
+    fn report(&self) {
+        let runs = self.figures();
+        let (off, on) = (
+            &runs[Governance::Off as usize],
+            &runs[Governance::On as usize],
+        );
+        let off_cpu = self.cpu_per_task(Governance::Off);
+        for governance in MODES {
+            let f = &runs[governance as usize];
+            let cpu = match (self.cpu_per_task(governance), off_cpu) {
+                (Some(c), Some(o)) => {
+                    format!(", CPU {c:.3} ms/task (x{:.3} of off)", c / o.max(1e-9))
+                }
+                _ => String::new(),
+            };
+            println!(
+                "    {}: {:.0} tasks/s, p50 {:.2} ms, p99 {:.2} ms (p99 x{:.3} of off){cpu}",
+                governance.label(),
+                f.per_sec,
+                ms(f.p50),
+                ms(f.p99),
+                f.p99.as_secs_f64() / off.p99.as_secs_f64().max(1e-9),
+            );
+        }
+        let p99_ratio = on.p99.as_secs_f64() / off.p99.as_secs_f64().max(1e-9);
+        println!(
+            "    governance p99 ratio on : off = {p99_ratio:.3} ({:+.1}% ; goal < +10%), tasks/s ratio {:.3}, p50 ratio {:.3}",
+            (p99_ratio - 1.0) * 100.0,
+            on.per_sec / off.per_sec.max(1e-9),
+            on.p50.as_secs_f64() / off.p50.as_secs_f64().max(1e-9),
+        );
+        let mut per_round: Vec<f64> = self
+            .round_p99
+            .iter()
+            .map(|r| {
+                r[Governance::On as usize].as_secs_f64()
+                    / r[Governance::Off as usize].as_secs_f64().max(1e-9)
+            })
+            .collect();
+        let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.3}")).collect();
+        per_round.sort_by(f64::total_cmp);
+        println!(
+            "    p99 ratio on : off per round: [{}], median {:.3}",
+            shown.join(", "),
+            per_round.get(per_round.len() / 2).copied().unwrap_or(0.0)
+        );
+    }
+}
+
+/// One runtime of `governance`: the closed-loop run (with the CPU it took), then the paced one
+/// (seqs continue).
+async fn run_mode(args: &BenchArgs, governance: Governance) -> anyhow::Result<(Runtime, Run, Run)> {
+    let rt = start(args, governance).await?;
+    let cpu_before = process_cpu();
+    let closed = rt
+        .tasks(args.tasks, 1, None)
+        .await
+        .with_context(|| format!("closed loop, {}", governance.label()))?;
+    let cpu = cpu_before.zip(process_cpu()).map(|(a, b)| b - a);
+    let paced = rt
+        .tasks(args.tasks, args.tasks as u64 + 1, Some(args.rate))
+        .await
+        .with_context(|| format!("paced at {}/s, {}", args.rate, governance.label()))?;
+    Ok((
+        rt,
+        Run {
+            lat: closed.0,
+            wall: closed.1,
+            cpu,
+        },
+        Run {
+            lat: paced.0,
+            wall: paced.1,
+            cpu: None,
+        },
+    ))
+}
+
+/// One measured run: latencies, wall time, and the process's CPU seconds when measured.
+struct Run {
+    lat: Vec<Duration>,
+    wall: Duration,
+    cpu: Option<f64>,
+}
+
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.rate.is_finite() && args.rate > 0.0,
+        "--rate must be a positive number of tasks per second, not {}",
+        args.rate
+    );
     let concurrency = args.concurrency.max(1);
     let rounds = args.rounds.max(1);
     let mut floor = None;
-    let mut pooled: [(Vec<Duration>, Duration); 4] = Default::default();
     let mut audit_seen = None;
-    // p99 of off and on in each round: their ratio within a round is less exposed to a neighbour's
-    // load on a shared machine than the pooled figures.
-    let mut round_p99 = vec![[Duration::ZERO; 4]; rounds];
-    for (round, p99s) in round_p99.iter_mut().enumerate() {
+    let (mut closed, mut paced) = (Series::default(), Series::default());
+    if let Some(only) = args.only {
+        for round in 0..rounds {
+            let (rt, c, p) = run_mode(&args, only).await?;
+            rt.stop().await;
+            closed.add_cpu(only, c.cpu, c.lat.len());
+            closed.add(round, only, c.lat, c.wall);
+            paced.add(round, only, p.lat, p.wall);
+        }
+        let (c, p) = (
+            &closed.figures()[only as usize],
+            &paced.figures()[only as usize],
+        );
+        let cpu = closed
+            .cpu_per_task(only)
+            .map_or(String::new(), |c| format!(", CPU {c:.3} ms/task"));
+        println!(
+            "{} only, {} tasks x {rounds} rounds: closed loop {:.0} tasks/s, p50 {:.2} ms, p99 {:.2} ms{cpu}; paced at {}/s: p50 {:.2} ms, p99 {:.2} ms",
+            only.label().trim(),
+            args.tasks,
+            c.per_sec,
+            ms(c.p50),
+            ms(c.p99),
+            args.rate,
+            ms(p.p50),
+            ms(p.p99)
+        );
+        return Ok(());
+    }
+    for round in 0..rounds {
         for governance in MODES {
-            let rt = start(&args, governance).await?;
+            let (rt, c, p) = run_mode(&args, governance)
+                .await
+                .with_context(|| format!("round {round}"))?;
             if floor.is_none() {
                 floor = Some(rt.floor(args.tasks).await?);
             }
-            let (lat, wall) = rt
-                .tasks(args.tasks)
-                .await
-                .with_context(|| format!("round {round}, {}", governance.label()))?;
-            p99s[governance as usize] = figures(lat.clone(), wall).p99;
-            let slot = &mut pooled[governance as usize];
-            slot.0.extend(lat);
-            slot.1 += wall;
+            closed.add_cpu(governance, c.cpu, c.lat.len());
+            closed.add(round, governance, c.lat, c.wall);
+            paced.add(round, governance, p.lat, p.wall);
             let totals = audit_totals(&rt.embedded).await?;
             rt.stop().await;
             if totals.is_some() {
@@ -440,7 +639,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let runs = pooled.map(|(lat, wall)| figures(lat, wall));
+    let runs = closed.figures();
     let (off, on) = (
         &runs[Governance::Off as usize],
         &runs[Governance::On as usize],
@@ -480,22 +679,19 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "embedded runtime, builtin:echo, {} tasks x {} rounds per mode, {} devices, {} workers",
+        "embedded runtime, builtin:echo, {} tasks x {} rounds per mode and load, {} devices, {} workers",
         args.tasks, rounds, concurrency, args.workers
     );
-    println!("  submit -> Succeeded:");
-    for governance in MODES {
-        let f = &runs[governance as usize];
-        println!(
-            "    {}: {:.0} tasks/s, p50 {:.2} ms, p99 {:.2} ms (p99 x{:.3} of off)",
-            governance.label(),
-            f.per_sec,
-            ms(f.p50),
-            ms(f.p99),
-            f.p99.as_secs_f64() / off.p99.as_secs_f64().max(1e-9),
-        );
-    }
+    println!(
+        "  submit -> Succeeded, closed loop (each device's next intent as soon as its last finished: saturation):"
+    );
+    closed.report();
     println!("    (goal >= 1000 tasks/s, p99 < 50 ms)");
+    println!(
+        "  submit -> Succeeded, paced at {}/s (latency from each intent's scheduled time):",
+        args.rate
+    );
+    paced.report();
     println!(
         "  floor (GET /healthz): {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
         floor.per_sec,
@@ -507,32 +703,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         off.per_sec / floor.per_sec.max(1e-9),
         on.per_sec / floor.per_sec.max(1e-9)
     );
-    let p99_ratio = on.p99.as_secs_f64() / off.p99.as_secs_f64().max(1e-9);
-    println!(
-        "  governance p99 ratio on : off = {p99_ratio:.3} ({:+.1}% ; goal < +10%), tasks/s ratio {:.3}, p50 ratio {:.3}",
-        (p99_ratio - 1.0) * 100.0,
-        on.per_sec / off.per_sec.max(1e-9),
-        on.p50.as_secs_f64() / off.p50.as_secs_f64().max(1e-9),
-    );
-    let mut per_round: Vec<f64> = round_p99
-        .iter()
-        .map(|r| {
-            r[Governance::On as usize].as_secs_f64()
-                / r[Governance::Off as usize].as_secs_f64().max(1e-9)
-        })
-        .collect();
-    let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.3}")).collect();
-    per_round.sort_by(f64::total_cmp);
-    println!(
-        "  p99 ratio on : off per round: [{}], median {:.3}",
-        shown.join(", "),
-        per_round.get(per_round.len() / 2).copied().unwrap_or(0.0)
-    );
     if let Some((leaves, checkpoints)) = audit_seen {
         println!(
-            "  audit log of the last governed run: {leaves} leaves for {} tasks ({:.1} per task), {checkpoints} signed checkpoints",
-            args.tasks,
-            leaves as f64 / args.tasks.max(1) as f64
+            "  audit log of the last governed runtime: {leaves} leaves for {} tasks (closed loop + paced; {:.1} per task), {checkpoints} signed checkpoints",
+            2 * args.tasks,
+            leaves as f64 / (2 * args.tasks).max(1) as f64
         );
     }
     println!("audit log alone (fsynced appends, Ed25519 checkpoints):");
@@ -568,4 +743,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat` (ticks of
+/// 10 ms; a closed-loop run uses a few hundred). `None` where that file is missing or unreadable.
+fn process_cpu() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line; 11 and 12 after the name.
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
