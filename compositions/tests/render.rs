@@ -13,6 +13,9 @@ use serde_json::{Value, json};
 
 const KEY_ID: &str = "1234abcd-12ab-34cd-56ef-1234567890ab";
 const KEY_ARN: &str = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+/// The audit checkpoint signing key's ARN (tests/fixtures/provider-status.yaml, `audit-key`).
+const AUDIT_KEY_ARN: &str =
+    "arn:aws:kms:eu-west-1:111122223333:key/5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9";
 const ENDPOINT: &str = "https://0123456789ABCDEF0123456789ABCDEF.gr7.eu-west-1.eks.amazonaws.com";
 
 fn xr_ready(docs: &[Value]) -> &Value {
@@ -75,6 +78,7 @@ fn run(variant: Variant) {
     for name in [
         "kms-key",
         "kms-alias",
+        "audit-key",
         "cluster-role",
         "node-role",
         "gpu-nodegroup",
@@ -109,8 +113,8 @@ fn run(variant: Variant) {
     let docs = &last.docs;
     assert_eq!(
         composed(docs).len(),
-        21,
-        "{v}: the settled pass composes all 21 resources"
+        22,
+        "{v}: the settled pass composes all 22 resources"
     );
     let ready = xr_ready(docs);
     assert_eq!(
@@ -129,6 +133,7 @@ fn run(variant: Variant) {
     assert_eq!(status["dlqArn"], dlq_arn.as_str());
     assert_eq!(status["kmsKeyArn"], KEY_ARN);
     assert_eq!(status["kmsKeyId"], KEY_ID);
+    assert_eq!(status["auditKeyArn"], AUDIT_KEY_ARN);
     assert_eq!(status["clusterEndpoint"], ENDPOINT);
     assert!(
         status["dlqUrl"].is_string()
@@ -218,6 +223,79 @@ fn run(variant: Variant) {
     assert_eq!(release["values"]["kms"]["keyArn"], KEY_ARN);
     assert_eq!(release["values"]["models"]["tiers"][1]["name"], "small");
     assert_eq!(release["chart"]["version"], "0.1.0");
+    // The audit log: on in the v2 example (size and class given), off by default for the claim.
+    // The signing key is composed either way, and its ARN reaches the values through the status.
+    let audit = &release["values"]["operator"]["audit"];
+    match variant {
+        Variant::V1 => assert_eq!(
+            *audit,
+            json!({"enabled": false, "kmsKeyArn": AUDIT_KEY_ARN, "storage": {"size": "1Gi"}}),
+            "{v}: audit values"
+        ),
+        Variant::V2 => assert_eq!(
+            *audit,
+            json!({
+                "enabled": true,
+                "kmsKeyArn": AUDIT_KEY_ARN,
+                "storage": {"size": "5Gi", "storageClassName": "gp3"},
+            }),
+            "{v}: audit values"
+        ),
+    }
+    // Besides operator.audit, the release values are exactly what they were before spec.audit.
+    let mut keys: Vec<&str> = release["values"]
+        .as_object()
+        .expect("values")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["aws", "kms", "models", "operator", "queue", "worker"],
+        "{v}: release value keys"
+    );
+    assert_eq!(
+        release["values"]["operator"].as_object().map(|o| o.len()),
+        Some(1),
+        "{v}: only operator.audit is set"
+    );
+    // The signing key: asymmetric P-256 for signing, in the region, tagged, no rotation (KMS
+    // does not rotate asymmetric keys), the platform key's deletion window.
+    let audit_key = find(docs, "audit-key").expect("audit-key");
+    assert_eq!(audit_key["kind"], "Key");
+    assert!(
+        str_at(audit_key, "/apiVersion").starts_with("kms.aws."),
+        "{v}: {}",
+        common::describe(audit_key)
+    );
+    let fp = &audit_key["spec"]["forProvider"];
+    assert_eq!(fp["customerMasterKeySpec"], "ECC_NIST_P256", "{v}");
+    assert_eq!(fp["keyUsage"], "SIGN_VERIFY", "{v}");
+    assert_eq!(fp["enableKeyRotation"], false, "{v}");
+    assert!(
+        fp.get("rotationPeriodInDays").is_none(),
+        "{v}: the signing key has a rotation period"
+    );
+    assert_eq!(fp["deletionWindowInDays"], 30, "{v}");
+    assert_eq!(fp["region"], "eu-west-1", "{v}");
+    assert!(
+        str_at(fp, "/description").contains("signs agentplane audit checkpoints"),
+        "{v}: {fp}"
+    );
+    assert_eq!(
+        fp["tags"]["agentplane.dev/platform"],
+        str_at(&first.xr, "/metadata/name"),
+        "{v}"
+    );
+    assert_eq!(
+        audit_key["spec"]["providerConfigRef"]["name"], "default",
+        "{v}"
+    );
+    // The platform key stays the symmetric envelope-encryption key.
+    let key = &find(docs, "kms-key").unwrap()["spec"]["forProvider"];
+    assert_eq!(key["keyUsage"], "ENCRYPT_DECRYPT");
+    assert_eq!(key["customerMasterKeySpec"], "SYMMETRIC_DEFAULT");
     let so = &find(docs, "keda-scaledobject").unwrap()["spec"]["forProvider"]["manifest"];
     assert_eq!(so["kind"], "ScaledObject");
     let trigger = &so["spec"]["triggers"][0];

@@ -95,8 +95,18 @@ async fn rendered_resources_pass_the_upstream_crd_schemas() {
                 errors.push(format!("{} pass {}: {e}", variant.label(), i + 1));
             }
         }
-        // The settled pass holds all 21 composed resources and both KEDA manifests.
-        assert_eq!(composed(&passes.last().unwrap().docs).len(), 21);
+        // The settled pass holds all 22 composed resources and both KEDA manifests.
+        let last = &passes.last().unwrap().docs;
+        assert_eq!(composed(last).len(), 22);
+        // The v2 example turns the audit log on, so an audit-enabled release (and the signing
+        // key, composed for both) is among what the API server checked.
+        let audit = &common::find(last, "agentplane-release").expect("release")["spec"]["forProvider"]
+            ["values"]["operator"]["audit"];
+        assert_eq!(audit["enabled"], variant == Variant::V2, "{audit}");
+        assert!(audit["kmsKeyArn"].is_string(), "{audit}");
+        let key = &common::find(last, "audit-key").expect("audit-key")["spec"]["forProvider"];
+        assert_eq!(key["keyUsage"], "SIGN_VERIFY");
+        assert_eq!(key["customerMasterKeySpec"], "ECC_NIST_P256");
     }
     assert!(
         errors.is_empty(),
@@ -107,7 +117,8 @@ async fn rendered_resources_pass_the_upstream_crd_schemas() {
     assert!(checked > 150, "only {checked} resources checked");
 
     // Negative controls: the same check rejects a misspelled field, a CEL-required field left
-    // out, and a wrongly typed field inside an embedded KEDA manifest.
+    // out, a wrongly typed field inside an embedded KEDA manifest, and the key spec under the
+    // name of the KMS API (`KeySpec`), which the upjet Key calls `customerMasterKeySpec`.
     let passes = common::converge(&fns, Variant::V2).expect("render converges");
     let docs = &passes.last().unwrap().docs;
     let mut queue = common::find(docs, "queue").unwrap().clone();
@@ -120,6 +131,8 @@ async fn rendered_resources_pass_the_upstream_crd_schemas() {
     let mut scaled =
         common::find(docs, "keda-scaledobject").unwrap()["spec"]["forProvider"]["manifest"].clone();
     scaled["spec"]["minReplicaCount"] = json!("zero");
+    let mut audit_key = common::find(docs, "audit-key").unwrap().clone();
+    audit_key["spec"]["forProvider"]["keySpec"] = json!("ECC_NIST_P256");
     for (obj, expect) in [
         (
             &queue,
@@ -130,6 +143,10 @@ async fn rendered_resources_pass_the_upstream_crd_schemas() {
             "spec.forProvider.scalingConfig is a required parameter",
         ),
         (&scaled, "spec.minReplicaCount"),
+        (
+            &audit_key,
+            ".spec.forProvider.keySpec: field not declared in schema",
+        ),
     ] {
         let err = dry_run_create(&client, &index, obj, "default")
             .await

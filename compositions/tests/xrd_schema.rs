@@ -185,9 +185,12 @@ fn schemas_and_examples_agree() {
         "tests/fixtures/xagentplatform.yaml is not the claim's composite"
     );
     let mut v2x = read_yaml(&comp_dir().join("examples/xr-v2.yaml")).unwrap();
-    // The v2 example differs only in choosing FIFO queues.
+    // The v2 example differs only in choosing FIFO queues and turning the audit log on.
     assert_eq!(v2x["spec"]["queue"]["fifo"], true);
     v2x["spec"]["queue"].as_object_mut().unwrap().remove("fifo");
+    assert_eq!(v2x["spec"]["audit"]["enabled"], true);
+    v2x["spec"].as_object_mut().unwrap().remove("audit");
+    assert!(claim["spec"].get("audit").is_none());
     assert_eq!(claim["spec"], v2x["spec"]);
 }
 
@@ -225,6 +228,20 @@ async fn generated_crds_accept_the_examples_with_defaults() {
         assert_eq!(spec["keda"]["chartVersion"], "2.20.2", "{what}");
         assert_eq!(spec["runtime"]["namespace"], "agentplane", "{what}");
         assert_eq!(spec["cluster"]["endpointPublicAccess"], false, "{what}");
+        // The audit log: off by default (the claim); the v2 example turns it on.
+        if what == "v2 XR" {
+            assert_eq!(
+                spec["audit"],
+                json!({"enabled": true, "storageSize": "5Gi", "storageClassName": "gp3"}),
+                "{what}"
+            );
+        } else {
+            assert_eq!(
+                spec["audit"],
+                json!({"enabled": false, "storageSize": "1Gi"}),
+                "{what}"
+            );
+        }
     }
     // A minimal spec: only the required fields, everything else defaulted.
     let minimal = json!({
@@ -245,6 +262,10 @@ async fn generated_crds_accept_the_examples_with_defaults() {
     assert_eq!(stored["spec"]["cluster"]["version"], "1.33");
     assert_eq!(stored["spec"]["queue"]["maxReceiveCount"], 5);
     assert_eq!(stored["spec"]["scaling"]["queueLength"], 5);
+    assert_eq!(
+        stored["spec"]["audit"],
+        json!({"enabled": false, "storageSize": "1Gi"})
+    );
     // The tier defaults of the api crate's ModelTier; a builtin endpoint needs no https.
     let tier = &stored["spec"]["modelTiers"][0];
     assert_eq!(tier["pricePer1kInputMicros"], 0);
@@ -393,6 +414,30 @@ fn bad_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "/spec/kms/deletionWindowInDays",
             json!(3),
             "spec.kms.deletionWindowInDays in body should be greater than or equal to 7",
+        ),
+        (
+            "audit storage size not a quantity",
+            "/spec/audit/storageSize",
+            json!("lots"),
+            "spec.audit.storageSize in body should match",
+        ),
+        (
+            "audit enabled not a boolean",
+            "/spec/audit/enabled",
+            json!("yes"),
+            "spec.audit.enabled in body must be of type boolean",
+        ),
+        (
+            "audit storage class not a DNS subdomain",
+            "/spec/audit/storageClassName",
+            json!("Fast_SSD"),
+            "spec.audit.storageClassName in body should match",
+        ),
+        (
+            "audit storage class empty",
+            "/spec/audit/storageClassName",
+            json!(""),
+            "spec.audit.storageClassName in body should match",
         ),
         (
             "zero queue length",
@@ -559,9 +604,15 @@ async fn generated_crds_reject_out_of_range_values() {
     assert_eq!(checked, 3 * bad_cases().len());
 }
 
-/// Transition rules: the region and the queue type cannot change once the platform exists.
+/// The message of the XRD's transition rule on `spec.audit`.
+const AUDIT_STORAGE_FIXED: &str =
+    "audit.storageSize and audit.storageClassName cannot change while audit is enabled";
+
+/// Transition rules: the region and the queue type cannot change once the platform exists, nor
+/// the audit volumes' size and class while the audit log is on (the operator StatefulSet's
+/// volumeClaimTemplates are immutable).
 #[tokio::test]
-async fn generated_crds_keep_region_and_fifo_immutable() {
+async fn generated_crds_keep_region_fifo_and_audit_storage_immutable() {
     let stack = agentplane_testsupport::Stack::shared().expect("the local stack");
     let client = stack.kube_client().await.expect("kube client");
     let index = install_generated(&client).await;
@@ -595,6 +646,29 @@ async fn generated_crds_keep_region_and_fifo_immutable() {
                 .expect_err("an immutable field changed");
             assert!(err.contains(expect), "{what}: expected {expect:?} in {err}");
         }
+        // The audit volumes: fixed while the log is on (the v2 example), free while it is off.
+        let audit_on = obj["spec"]["audit"]["enabled"] == true;
+        for (path, value) in [
+            ("/spec/audit/storageSize", json!("20Gi")),
+            ("/spec/audit/storageClassName", json!("io2")),
+        ] {
+            let mut changed = obj.clone();
+            set_path(&mut changed, path, value);
+            let res = dry_run_create(&client, &index, &changed, "xrd-immutable").await;
+            if audit_on {
+                let err = res.expect_err("audit storage changed while enabled");
+                assert!(err.contains(AUDIT_STORAGE_FIXED), "{what}: {path}: {err}");
+            } else {
+                res.unwrap_or_else(|e| panic!("{what}: {path} rejected while audit is off: {e}"));
+            }
+        }
+        // Turning the log off (or on) may come with a new size.
+        let mut toggled = obj.clone();
+        set_path(&mut toggled, "/spec/audit/enabled", json!(!audit_on));
+        set_path(&mut toggled, "/spec/audit/storageSize", json!("20Gi"));
+        dry_run_create(&client, &index, &toggled, "xrd-immutable")
+            .await
+            .unwrap_or_else(|e| panic!("{what}: toggling audit rejected: {e}"));
         // An allowed change still goes through.
         let mut scaled = obj.clone();
         set_path(&mut scaled, "/spec/scaling/maxReplicas", json!(40));
