@@ -279,12 +279,7 @@ impl Runtime {
     /// device's turn every `devices / rate` s) and a latency counts from the intent's scheduled time,
     /// not from when its device got round to it, so a slow task also charges the ones queued behind
     /// it (no coordinated omission).
-    async fn tasks(
-        &self,
-        tasks: usize,
-        first_seq: u64,
-        rate: Option<f64>,
-    ) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    async fn tasks(&self, tasks: usize, first_seq: u64, rate: Option<f64>) -> anyhow::Result<Run> {
         let concurrency = self.devices.len().max(1);
         let started = tokio::time::Instant::now();
         let mut set = tokio::task::JoinSet::new();
@@ -322,7 +317,11 @@ impl Runtime {
         while let Some(r) = set.join_next().await {
             lat.extend(r??);
         }
-        Ok((lat, started.elapsed()))
+        Ok(Run {
+            lat,
+            wall: started.elapsed(),
+            cpu: None,
+        })
     }
 }
 
@@ -463,12 +462,19 @@ struct Series {
 }
 
 impl Series {
-    fn add_cpu(&mut self, governance: Governance, seconds: Option<f64>, tasks: usize) {
+    /// CPU milliseconds per task of `governance`, when every reading worked.
+    fn cpu_per_task(&self, governance: Governance) -> Option<f64> {
+        let (s, n) = self.cpu[governance as usize]?;
+        (n > 0).then(|| s * 1000.0 / n as f64)
+    }
+
+    fn add(&mut self, round: usize, governance: Governance, run: Run) {
+        let Run { lat, wall, cpu } = run;
         let i = governance as usize;
-        match seconds {
+        match cpu {
             Some(more) if !self.cpu_unreadable[i] => {
                 let (s, n) = self.cpu[i].unwrap_or((0.0, 0));
-                self.cpu[i] = Some((s + more, n + tasks));
+                self.cpu[i] = Some((s + more, n + lat.len()));
             }
             // One missing reading would make the sum a lie: show none.
             _ => {
@@ -476,15 +482,6 @@ impl Series {
                 self.cpu[i] = None;
             }
         }
-    }
-
-    /// CPU milliseconds per task of `governance`, when every reading worked.
-    fn cpu_per_task(&self, governance: Governance) -> Option<f64> {
-        let (s, n) = self.cpu[governance as usize]?;
-        (n > 0).then(|| s * 1000.0 / n as f64)
-    }
-
-    fn add(&mut self, round: usize, governance: Governance, lat: Vec<Duration>, wall: Duration) {
         if self.round_p99.len() <= round {
             self.round_p99.resize(round + 1, [Duration::ZERO; 4]);
         }
@@ -553,31 +550,20 @@ impl Series {
 async fn run_mode(args: &BenchArgs, governance: Governance) -> anyhow::Result<(Runtime, Run, Run)> {
     let rt = start(args, governance).await?;
     let cpu_before = process_cpu();
-    let closed = rt
+    let mut closed = rt
         .tasks(args.tasks, 1, None)
         .await
         .with_context(|| format!("closed loop, {}", governance.label()))?;
-    let cpu = cpu_before.zip(process_cpu()).map(|(a, b)| b - a);
+    closed.cpu = cpu_before.zip(process_cpu()).map(|(a, b)| b - a);
     let paced = rt
         .tasks(args.tasks, args.tasks as u64 + 1, Some(args.rate))
         .await
         .with_context(|| format!("paced at {}/s, {}", args.rate, governance.label()))?;
-    Ok((
-        rt,
-        Run {
-            lat: closed.0,
-            wall: closed.1,
-            cpu,
-        },
-        Run {
-            lat: paced.0,
-            wall: paced.1,
-            cpu: None,
-        },
-    ))
+    Ok((rt, closed, paced))
 }
 
-/// One measured run: latencies, wall time, and the process's CPU seconds when measured.
+/// One measured run: latencies, wall time, and the process's CPU seconds when measured (the
+/// closed-loop runs only: `run_mode` reads it around them).
 struct Run {
     lat: Vec<Duration>,
     wall: Duration,
@@ -599,9 +585,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         for round in 0..rounds {
             let (rt, c, p) = run_mode(&args, only).await?;
             rt.stop().await;
-            closed.add_cpu(only, c.cpu, c.lat.len());
-            closed.add(round, only, c.lat, c.wall);
-            paced.add(round, only, p.lat, p.wall);
+            closed.add(round, only, c);
+            paced.add(round, only, p);
         }
         let (c, p) = (
             &closed.figures()[only as usize],
@@ -631,9 +616,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             if floor.is_none() {
                 floor = Some(rt.floor(args.tasks).await?);
             }
-            closed.add_cpu(governance, c.cpu, c.lat.len());
-            closed.add(round, governance, c.lat, c.wall);
-            paced.add(round, governance, p.lat, p.wall);
+            closed.add(round, governance, c);
+            paced.add(round, governance, p);
             let totals = audit_totals(&rt.embedded).await?;
             rt.stop().await;
             if totals.is_some() {
