@@ -413,12 +413,13 @@ fn workload(s: &PlatformSpec, component: &str) -> Json {
     if let Some(r) = replicas {
         spec["replicas"] = json!(r);
     }
-    let kind = match audit {
-        Some(audit) => {
-            audit_statefulset_spec(&mut spec, audit);
-            "StatefulSet"
-        }
-        None => "Deployment",
+    if let Some(audit) = audit {
+        audit_statefulset_spec(&mut spec, audit);
+    }
+    let kind = if component == "operator" {
+        s.operator_kind()
+    } else {
+        "Deployment"
     };
     json!({
         "apiVersion": "apps/v1",
