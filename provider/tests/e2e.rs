@@ -7,99 +7,27 @@
 //! delete that plans as "will be created", and destroy. A missing peer fails the test with the
 //! reason (`ci/peers.sh` builds them).
 
-use std::path::PathBuf;
-use std::process::Output;
+mod common;
 
-use agentplane_testsupport::{Stack, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY};
+use common::Workspace;
 
-const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
-
-struct Workspace {
-    client: &'static str,
-    protocol: u32,
-    dir: tempfile::TempDir,
-    stack: &'static Stack,
-    prefix: String,
-}
-
-impl Workspace {
-    fn new(client: &'static str, protocol: u32) -> Workspace {
-        let stack = Stack::shared().unwrap_or_else(|e| panic!("real-peer stack unavailable: {e}"));
-        agentplane_testsupport::peer_path(client).unwrap_or_else(|e| panic!("{client}: {e}"));
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("agentplane-e2e-{client}-{protocol}."))
-            .tempdir()
-            .unwrap();
-        // Installed the way users install it: an unpacked filesystem mirror holding the built
-        // binary (symlinked). dev_overrides would skip `init`, which Terraform 1.5.7 refuses to
-        // run under overrides ("Skip terraform init when using provider development overrides").
-        let version = env!("CARGO_PKG_VERSION");
-        let mirror = dir.path().join("mirror");
-        let pkg = mirror.join(format!(
-            "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
-        ));
-        std::fs::create_dir_all(&pkg).unwrap();
-        std::os::unix::fs::symlink(
-            BIN,
-            pkg.join(format!("terraform-provider-agentplane_v{version}")),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("cli.tfrc"),
-            format!(
-                "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
-                mirror.display()
-            ),
-        )
-        .unwrap();
-        let prefix = format!("e2e-{client}-p{protocol}-{}", std::process::id());
-        Workspace {
-            client,
-            protocol,
-            dir,
-            stack,
-            prefix,
-        }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
-
-    /// Writes main.tf from the knobs the scenario turns.
-    fn config(
-        &self,
-        queue_name: &str,
-        visibility: i64,
-        description: &str,
-        extra_tag: bool,
-        sign_spec: &str,
-    ) {
-        let ep = self.stack.aws_endpoint();
-        let tags = if extra_tag {
-            r#"{ env = "test", tier = "gold" }"#
-        } else {
-            r#"{ env = "test" }"#
-        };
-        let p = &self.prefix;
-        let tf = format!(
-            r#"terraform {{
-  required_providers {{
-    agentplane = {{ source = "registry.terraform.io/agentplane/agentplane" }}
-  }}
-}}
-
-provider "agentplane" {{
-  region     = "{TEST_REGION}"
-  access_key = "{TEST_ACCESS_KEY_ID}"
-  secret_key = "{TEST_SECRET_ACCESS_KEY}"
-  endpoints {{
-    sqs = "{ep}"
-    kms = "{ep}"
-  }}
-}}
-
-resource "agentplane_kms_key" "k" {{
+/// Writes main.tf from the knobs the lifecycle scenario turns.
+fn config(
+    ws: &Workspace,
+    queue_name: &str,
+    visibility: i64,
+    description: &str,
+    extra_tag: bool,
+    sign_spec: &str,
+) {
+    let tags = if extra_tag {
+        r#"{ env = "test", tier = "gold" }"#
+    } else {
+        r#"{ env = "test" }"#
+    };
+    let p = &ws.prefix;
+    ws.write_config(&format!(
+        r#"resource "agentplane_kms_key" "k" {{
   description             = "{description}"
   alias                   = "alias/{p}"
   enable_key_rotation     = true
@@ -136,74 +64,15 @@ output "data_arn" {{ value = data.agentplane_queue.q.arn }}
 output "key_id" {{ value = agentplane_kms_key.k.key_id }}
 output "sign_key_id" {{ value = agentplane_kms_key.s.key_id }}
 "#
-        );
-        std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = self.stack.command(self.client).unwrap();
-        cmd.current_dir(self.dir.path())
-            .args(args)
-            .env("TF_CLI_CONFIG_FILE", self.dir.path().join("cli.tfrc"))
-            .env("TF_IN_AUTOMATION", "1")
-            .env("CHECKPOINT_DISABLE", "1")
-            .env("TF_LOG_PROVIDER", "INFO")
-            .env("TF_LOG_PATH", self.dir.path().join("client.log"))
-            .env("HOME", self.dir.path());
-        if self.protocol == 5 {
-            cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
-        }
-        cmd.output()
-            .unwrap_or_else(|e| panic!("running {} {args:?}: {e}", self.client))
-    }
-
-    /// Runs a command that must succeed; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{} {args:?} failed ({}):\n{stdout}\n{}",
-            self.client,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    }
-
-    /// `plan -detailed-exitcode`: 0 = no changes, 2 = changes. Returns (code, stdout).
-    fn plan(&self) -> (i32, String) {
-        let out = self.run(&["plan", "-no-color", "-input=false", "-detailed-exitcode"]);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let code = out.status.code().unwrap_or(-1);
-        assert!(
-            code == 0 || code == 2,
-            "plan failed ({code}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (code, stdout)
-    }
-
-    fn assert_empty_plan(&self, after: &str) {
-        let (code, out) = self.plan();
-        assert_eq!(code, 0, "plan after {after} is not empty:\n{out}");
-    }
-
-    fn apply(&self) -> String {
-        self.ok(&["apply", "-no-color", "-input=false", "-auto-approve"])
-    }
-
-    fn output(&self, name: &str) -> String {
-        self.ok(&["output", "-raw", name])
-    }
+    ));
 }
 
 fn lifecycle(client: &'static str, protocol: u32) {
-    let ws = Workspace::new(client, protocol);
+    let ws = Workspace::new(client, protocol, "e2e");
     let jobs = format!("{}-jobs", ws.prefix);
-    ws.config(&jobs, 60, "v1", false, "ECC_NIST_P256");
+    config(&ws, &jobs, 60, "v1", false, "ECC_NIST_P256");
 
-    ws.ok(&["init", "-no-color", "-input=false"]);
+    ws.init();
     let (code, plan) = ws.plan();
     assert_eq!(code, 2, "{plan}");
     assert!(plan.contains("4 to add"), "{plan}");
@@ -228,7 +97,7 @@ fn lifecycle(client: &'static str, protocol: u32) {
     );
 
     // In-place update: visibility, description, tags.
-    ws.config(&jobs, 120, "v2", true, "ECC_NIST_P256");
+    config(&ws, &jobs, 120, "v2", true, "ECC_NIST_P256");
     let (code, plan) = ws.plan();
     assert_eq!(code, 2, "{plan}");
     assert!(
@@ -243,7 +112,7 @@ fn lifecycle(client: &'static str, protocol: u32) {
     // ForceNew: a new name replaces the queue (and its DLQ), a new key spec the signing key.
     let jobs2 = format!("{}-jobs2", ws.prefix);
     let old_sign_key = ws.output("sign_key_id");
-    ws.config(&jobs2, 120, "v2", true, "ECC_NIST_P384");
+    config(&ws, &jobs2, 120, "v2", true, "ECC_NIST_P384");
     let (code, plan) = ws.plan();
     assert_eq!(code, 2, "{plan}");
     assert!(
@@ -287,8 +156,13 @@ fn lifecycle(client: &'static str, protocol: u32) {
     let url = ws.output("queue_url");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sqs = aws_sdk_sqs::Client::new(&ws.stack.aws_sdk_config().await);
-        sqs.delete_queue().queue_url(&url).send().await.unwrap();
+        ws.sqs()
+            .await
+            .delete_queue()
+            .queue_url(&url)
+            .send()
+            .await
+            .unwrap();
     });
     let (code, plan) = ws.plan();
     assert_eq!(code, 2, "{plan}");
@@ -299,27 +173,15 @@ fn lifecycle(client: &'static str, protocol: u32) {
 
     ws.apply();
     ws.assert_empty_plan("recreate");
-    let out = ws.ok(&["destroy", "-no-color", "-input=false", "-auto-approve"]);
+    let out = ws.destroy();
     assert!(out.contains("destroyed"), "{out}");
-    rt.block_on(async {
-        let sqs = aws_sdk_sqs::Client::new(&ws.stack.aws_sdk_config().await);
-        let left = sqs
-            .list_queues()
-            .queue_name_prefix(&ws.prefix)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            left.queue_urls().is_empty(),
-            "queues left after destroy: {:?}",
-            left.queue_urls()
-        );
-    });
+    rt.block_on(ws.assert_no_queues_left());
 }
 
 fn invalid_config_is_reported_with_paths(client: &'static str) {
-    let ws = Workspace::new(client, 6);
-    ws.config(
+    let ws = Workspace::new(client, 6, "e2e");
+    config(
+        &ws,
         &format!("{}-bad", ws.prefix),
         60,
         "x",
@@ -339,14 +201,8 @@ fn invalid_config_is_reported_with_paths(client: &'static str) {
             "fifo                        = true\n  visibility_timeout_seconds  = 50000",
         );
     std::fs::write(ws.path().join("main.tf"), tf).unwrap();
-    ws.ok(&["init", "-no-color", "-input=false"]);
-    let out = ws.run(&["validate", "-no-color"]);
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ws.init();
+    let text = ws.fails(&["validate", "-no-color"]);
     assert!(
         text.contains("visibility_timeout_seconds must be a whole number between 0 and 43200"),
         "{text}"
