@@ -166,6 +166,28 @@ fn main_attributes(planned: &Value) -> HashMap<A, String> {
     m
 }
 
+/// Attributes of the dead-letter queue, from configuration.
+fn dlq_attributes(planned: &Value) -> HashMap<A, String> {
+    let mut m = HashMap::from([
+        (
+            A::MessageRetentionPeriod,
+            int(planned, "dlq_message_retention_seconds").to_string(),
+        ),
+        (
+            A::KmsMasterKeyId,
+            planned
+                .get("kms_master_key_id")
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        ),
+    ]);
+    if planned.get("fifo").as_bool() == Some(true) {
+        m.insert(A::FifoQueue, "true".into());
+    }
+    m
+}
+
 fn redrive(dlq_arn: &str, max_receive: i64) -> String {
     serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receive })
         .to_string()
@@ -336,7 +358,7 @@ impl Resource<ProviderData> for Queue {
 
     fn modify_plan(
         &self,
-        _prior: &Value,
+        prior: &Value,
         planned: &mut Value,
         _config: &Value,
         _diags: &mut Diagnostics,
@@ -346,6 +368,12 @@ impl Resource<ProviderData> for Queue {
             let d = dlq_name(n);
             planned.set("dlq_name", Value::String(d));
         }
+        // Read found the DLQ gone while the queue stays: apply recreates it (an in-place update),
+        // so its URL and ARN are only known after apply.
+        if !prior.is_null() && prior.get("dlq_url").is_null() {
+            planned.set("dlq_url", Value::UNKNOWN);
+            planned.set("dlq_arn", Value::UNKNOWN);
+        }
     }
 
     async fn create(&self, data: &ProviderData, planned: &Value) -> Result<Value, Diagnostics> {
@@ -354,24 +382,8 @@ impl Resource<ProviderData> for Queue {
         let name = planned.get("name").as_str().unwrap_or_default().to_string();
         let fifo = planned.get("fifo").as_bool() == Some(true);
         let tags = planned.get("tags").as_string_map();
-        let kms = planned
-            .get("kms_master_key_id")
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-
-        let mut dlq_attrs = HashMap::from([
-            (
-                A::MessageRetentionPeriod,
-                int(planned, "dlq_message_retention_seconds").to_string(),
-            ),
-            (A::KmsMasterKeyId, kms),
-        ]);
-        if fifo {
-            dlq_attrs.insert(A::FifoQueue, "true".into());
-        }
         let dlq = dlq_name(&name);
-        let (dlq_url, dlq_arn) = create_one(c, &dlq, dlq_attrs, &tags, &w).await?;
+        let (dlq_url, dlq_arn) = create_one(c, &dlq, dlq_attributes(planned), &tags, &w).await?;
 
         let mut attrs = main_attributes(planned);
         if fifo {
@@ -460,31 +472,34 @@ impl Resource<ProviderData> for Queue {
 
         let dlq = dlq_name(&name);
         s.set("dlq_name", Value::String(dlq.clone()));
-        match q.redrive() {
-            Some((dlq_arn, n)) => {
-                s.set("max_receive_count", Value::int(n));
-                s.set("dlq_arn", Value::String(dlq_arn));
-            }
-            // Redrive removed out of band: plan will put it back.
-            None => {
-                s.set("max_receive_count", Value::Null);
-                s.set("dlq_arn", Value::Null);
-            }
-        }
-        match url_for(c, &dlq, &w).await? {
-            Some(dlq_url) => {
-                if let Some(d) = observe(c, &dlq_url, &w).await?
-                    && let Some(n) = d.num(A::MessageRetentionPeriod)
-                {
+        let dlq_q = match url_for(c, &dlq, &w).await? {
+            Some(dlq_url) => observe(c, &dlq_url, &w).await?,
+            None => None,
+        };
+        let dlq_arn = match &dlq_q {
+            Some(d) => {
+                if let Some(n) = d.num(A::MessageRetentionPeriod) {
                     s.set("dlq_message_retention_seconds", Value::int(n));
                 }
-                s.set("dlq_url", Value::String(dlq_url));
+                s.set("dlq_url", Value::String(d.url.clone()));
+                d.attrs.get(&A::QueueArn).cloned()
             }
             None => {
-                // The DLQ is part of this resource: without it the resource must be recreated.
+                // The queue stays, so the resource does too, with its DLQ missing: the plan is an
+                // in-place update that recreates the DLQ (see modify_plan).
                 tracing::info!(dlq = %dlq, "dead-letter queue no longer exists");
-                return Ok(None);
+                s.set("dlq_url", Value::Null);
+                None
             }
+        };
+        s.set("dlq_arn", Value::opt_string(dlq_arn.clone()));
+        match q.redrive() {
+            Some((target, n)) if Some(&target) == dlq_arn.as_ref() => {
+                s.set("max_receive_count", Value::int(n));
+            }
+            // The redrive was removed, or targets something other than this resource's DLQ
+            // (a deleted DLQ's stale ARN included): a null count plans the repair.
+            _ => s.set("max_receive_count", Value::Null),
         }
         Ok(Some(s))
     }
@@ -498,24 +513,34 @@ impl Resource<ProviderData> for Queue {
         let c = data.sqs().await;
         let w = what(planned);
         let url = prior.get("url").as_str().unwrap_or_default().to_string();
-        let dlq_url = prior
+        let tags = planned.get("tags").as_string_map();
+        let existing_dlq = prior
             .get("dlq_url")
             .as_str()
-            .unwrap_or_default()
-            .to_string();
+            .zip(prior.get("dlq_arn").as_str())
+            .map(|(u, a)| (u.to_string(), a.to_string()));
+        let dlq_recreated = existing_dlq.is_none();
+        let (dlq_url, dlq_arn) = match existing_dlq {
+            Some(d) => d,
+            None => {
+                let dlq = dlq_name(planned.get("name").as_str().unwrap_or_default());
+                let d = create_one(c, &dlq, dlq_attributes(planned), &tags, &w).await?;
+                tracing::info!(%dlq, "recreated the dead-letter queue deleted out of band");
+                d
+            }
+        };
 
         let old = main_attributes(prior);
         let mut changed: HashMap<A, String> = main_attributes(planned)
             .into_iter()
             .filter(|(k, v)| old.get(k) != Some(v))
             .collect();
-        if prior.get("max_receive_count") != planned.get("max_receive_count")
-            || prior.get("dlq_arn").is_null()
-        {
-            let dlq_arn = prior.get("dlq_arn").as_str().unwrap_or_default();
+        // Read nulls max_receive_count when the redrive is missing or stale, so this also
+        // repairs a redrive removed out of band, always towards the DLQ's real ARN.
+        if dlq_recreated || prior.get("max_receive_count") != planned.get("max_receive_count") {
             changed.insert(
                 A::RedrivePolicy,
-                redrive(dlq_arn, int(planned, "max_receive_count")),
+                redrive(&dlq_arn, int(planned, "max_receive_count")),
             );
         }
         if !changed.is_empty() {
@@ -526,42 +551,29 @@ impl Resource<ProviderData> for Queue {
                 .await
                 .map_err(|e| aws::diag(&e, &w, "sqs:SetQueueAttributes"))?;
         }
-        let mut dlq_changed = HashMap::new();
-        if prior.get("dlq_message_retention_seconds")
-            != planned.get("dlq_message_retention_seconds")
-        {
-            dlq_changed.insert(
-                A::MessageRetentionPeriod,
-                int(planned, "dlq_message_retention_seconds").to_string(),
-            );
+        let old_tags = prior.get("tags").as_string_map();
+        if !dlq_recreated {
+            // A recreated DLQ already has the planned attributes and tags.
+            let old = dlq_attributes(prior);
+            let dlq_changed: HashMap<A, String> = dlq_attributes(planned)
+                .into_iter()
+                .filter(|(k, v)| old.get(k) != Some(v))
+                .collect();
+            if !dlq_changed.is_empty() {
+                c.set_queue_attributes()
+                    .queue_url(&dlq_url)
+                    .set_attributes(Some(dlq_changed))
+                    .send()
+                    .await
+                    .map_err(|e| aws::diag(&e, &w, "sqs:SetQueueAttributes"))?;
+            }
+            set_tags(c, &dlq_url, &old_tags, &tags, &w).await?;
         }
-        if prior.get("kms_master_key_id") != planned.get("kms_master_key_id") {
-            dlq_changed.insert(
-                A::KmsMasterKeyId,
-                planned
-                    .get("kms_master_key_id")
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-            );
-        }
-        if !dlq_changed.is_empty() {
-            c.set_queue_attributes()
-                .queue_url(&dlq_url)
-                .set_attributes(Some(dlq_changed))
-                .send()
-                .await
-                .map_err(|e| aws::diag(&e, &w, "sqs:SetQueueAttributes"))?;
-        }
-        let (old_tags, new_tags) = (
-            prior.get("tags").as_string_map(),
-            planned.get("tags").as_string_map(),
-        );
-        if old_tags != new_tags {
-            set_tags(c, &url, &old_tags, &new_tags, &w).await?;
-            set_tags(c, &dlq_url, &old_tags, &new_tags, &w).await?;
-        }
-        Ok(planned.clone())
+        set_tags(c, &url, &old_tags, &tags, &w).await?;
+        let mut state = planned.clone();
+        state.set("dlq_url", Value::String(dlq_url));
+        state.set("dlq_arn", Value::String(dlq_arn));
+        Ok(state)
     }
 
     async fn delete(&self, data: &ProviderData, state: &Value) -> Result<(), Diagnostics> {
