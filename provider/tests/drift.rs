@@ -1,4 +1,4 @@
-//! Drift and permanent-diff repairs (issue 15 item 1), driven the way a user meets
+//! Drift and permanent-diff repairs (issue 15 items 1 and 2), driven the way a user meets
 //! them: the real clients (OpenTofu over protocol 6, Terraform 1.5.7 over protocol 5) against
 //! moto from the shared real-peer stack, with out-of-band changes made through the AWS SDK.
 //! A missing peer fails the test with the reason (`ci/peers.sh` builds them).
@@ -140,6 +140,47 @@ fn dlq_drift(client: &'static str, protocol: u32) {
     rt.block_on(ws.assert_no_queues_left());
 }
 
+/// Item 2: values that used to plan a diff after every apply.
+fn permanent_diffs(client: &'static str, protocol: u32) {
+    let ws = Workspace::new(client, protocol, "diffs");
+    let p = &ws.prefix;
+    // `kms_master_key_id = ""` is the usual module default for "no CMK".
+    let plain = format!(
+        r#"resource "agentplane_queue" "q" {{
+  name              = "{p}-plain"
+  kms_master_key_id = ""
+}}
+"#
+    );
+    ws.write_config(&plain);
+    ws.init();
+    ws.apply();
+    ws.assert_empty_plan("apply with kms_master_key_id = \"\"");
+
+    // A null tag value cannot be stored (AWS has no null tag) nor planned away (the plan must
+    // match the configuration), so validate refuses it and names the attribute.
+    ws.write_config(&format!(
+        r#"{plain}
+resource "agentplane_queue" "t" {{
+  name = "{p}-tagged"
+  tags = {{ env = "test", owner = null }}
+}}
+
+resource "agentplane_kms_key" "k" {{
+  tags = {{ team = null }}
+}}
+"#
+    ));
+    let text = ws.fails(&["validate", "-no-color"]);
+    assert!(text.contains(r#"tags["owner"] is null"#), "{text}");
+    assert!(text.contains(r#"tags["team"] is null"#), "{text}");
+
+    ws.write_config(&plain);
+    ws.destroy();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(ws.assert_no_queues_left());
+}
+
 #[test]
 fn tofu_dlq_deleted_out_of_band() {
     dlq_drift("tofu", 6);
@@ -148,4 +189,14 @@ fn tofu_dlq_deleted_out_of_band() {
 #[test]
 fn terraform_dlq_deleted_out_of_band() {
     dlq_drift("terraform", 5);
+}
+
+#[test]
+fn tofu_no_permanent_diffs() {
+    permanent_diffs("tofu", 6);
+}
+
+#[test]
+fn terraform_no_permanent_diffs() {
+    permanent_diffs("terraform", 5);
 }

@@ -7,7 +7,7 @@ use aws_sdk_kms::Client;
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType, Tag};
 
-use super::{label, tag_diff, tags_value};
+use super::{label, tag_diff, tags_value, validate_tags};
 use crate::aws;
 use crate::config::ProviderData;
 use crate::framework::{
@@ -170,6 +170,7 @@ impl Resource<ProviderData> for KmsKey {
                 "Automatic rotation is only available for SYMMETRIC_DEFAULT keys.",
             );
         }
+        validate_tags(config, diags);
         if let Some(a) = config.get("alias").as_str() {
             let name = a.strip_prefix("alias/").unwrap_or("");
             if name.is_empty()

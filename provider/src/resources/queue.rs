@@ -8,7 +8,7 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName as A;
 
-use super::{label, tag_diff, tags_value};
+use super::{label, tag_diff, tags_value, validate_tags};
 use crate::aws;
 use crate::config::ProviderData;
 use crate::framework::{
@@ -188,6 +188,16 @@ fn dlq_attributes(planned: &Value) -> HashMap<A, String> {
     m
 }
 
+/// `kms_master_key_id` as read back: a queue without a CMK reads back in the form the prior
+/// state used for "none" (`""`, a common module default, or null), so neither plans a diff.
+pub fn kms_key_value(actual: Option<&String>, prior: &Value) -> Value {
+    match actual.filter(|k| !k.is_empty()) {
+        Some(k) => Value::String(k.clone()),
+        None if prior.as_str() == Some("") => Value::string(""),
+        None => Value::Null,
+    }
+}
+
 fn redrive(dlq_arn: &str, max_receive: i64) -> String {
     serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receive })
         .to_string()
@@ -346,6 +356,7 @@ impl Resource<ProviderData> for Queue {
         if let Some(name) = config.get("name").as_str() {
             validate_name(name, fifo, diags);
         }
+        validate_tags(config, diags);
         if config.get("content_based_deduplication").as_bool() == Some(true) && fifo == Some(false)
         {
             diags.attr_error(
@@ -460,11 +471,9 @@ impl Resource<ProviderData> for Queue {
         }
         s.set(
             "kms_master_key_id",
-            Value::opt_string(
-                q.attrs
-                    .get(&A::KmsMasterKeyId)
-                    .filter(|k| !k.is_empty())
-                    .cloned(),
+            kms_key_value(
+                q.attrs.get(&A::KmsMasterKeyId),
+                state.get("kms_master_key_id"),
             ),
         );
         s.set("arn", Value::opt_string(q.attrs.get(&A::QueueArn).cloned()));
@@ -660,6 +669,23 @@ mod tests {
             mk(r#"{"deadLetterTargetArn":"arn:y","maxReceiveCount":"7"}"#).redrive(),
             Some(("arn:y".into(), 7))
         );
+    }
+
+    #[test]
+    fn no_cmk_reads_back_in_the_prior_form() {
+        let arn = "arn:aws:kms:us-east-1:1:key/k".to_string();
+        let empty = String::new();
+        assert_eq!(
+            kms_key_value(Some(&arn), &Value::string("")),
+            Value::String(arn.clone())
+        );
+        assert_eq!(
+            kms_key_value(Some(&empty), &Value::string("")),
+            Value::string("")
+        );
+        assert_eq!(kms_key_value(None, &Value::string("")), Value::string(""));
+        assert_eq!(kms_key_value(Some(&empty), &Value::Null), Value::Null);
+        assert_eq!(kms_key_value(None, &Value::string(arn)), Value::Null);
     }
 
     #[test]
