@@ -1,4 +1,4 @@
-//! Drift and permanent-diff repairs (issue 15 items 1 and 2), driven the way a user meets
+//! Drift and permanent-diff repairs (issue 15 items 1, 2 and 4), driven the way a user meets
 //! them: the real clients (OpenTofu over protocol 6, Terraform 1.5.7 over protocol 5) against
 //! moto from the shared real-peer stack, with out-of-band changes made through the AWS SDK.
 //! A missing peer fails the test with the reason (`ci/peers.sh` builds them).
@@ -181,6 +181,47 @@ resource "agentplane_kms_key" "k" {{
     rt.block_on(ws.assert_no_queues_left());
 }
 
+/// Item 4: importing a KMS key by ARN settles `id` to the key id in the import read.
+fn kms_import_by_arn(client: &'static str, protocol: u32) {
+    let ws = Workspace::new(client, protocol, "import");
+    ws.write_config(
+        r#"resource "agentplane_kms_key" "k" {
+  description = "imported by ARN"
+}
+
+output "arn" { value = agentplane_kms_key.k.arn }
+output "key_id" { value = agentplane_kms_key.k.key_id }
+"#,
+    );
+    ws.init();
+    ws.apply();
+    let (arn, key_id) = (ws.output("arn"), ws.output("key_id"));
+    assert!(arn.starts_with("arn:") && arn.ends_with(&key_id), "{arn}");
+
+    ws.ok(&["state", "rm", "-no-color", "agentplane_kms_key.k"]);
+    ws.ok(&[
+        "import",
+        "-no-color",
+        "-input=false",
+        "agentplane_kms_key.k",
+        &arn,
+    ]);
+    let show: serde_json::Value =
+        serde_json::from_str(&ws.ok(&["show", "-json", "-no-color"])).unwrap();
+    let values = &show["values"]["root_module"]["resources"][0]["values"];
+    assert_eq!(values["id"], key_id.as_str(), "import read left {values}");
+    assert_eq!(values["key_id"], key_id.as_str(), "{values}");
+
+    // Nothing "changed outside" on the next refresh, and nothing to do.
+    let (code, plan) = ws.plan_with(&["-refresh-only"]);
+    assert!(
+        code == 0 && !plan.contains("changed outside"),
+        "refresh after import by ARN reports drift:\n{plan}"
+    );
+    ws.assert_empty_plan("import by ARN");
+    ws.destroy();
+}
+
 #[test]
 fn tofu_dlq_deleted_out_of_band() {
     dlq_drift("tofu", 6);
@@ -199,4 +240,14 @@ fn tofu_no_permanent_diffs() {
 #[test]
 fn terraform_no_permanent_diffs() {
     permanent_diffs("terraform", 5);
+}
+
+#[test]
+fn tofu_kms_import_by_arn() {
+    kms_import_by_arn("tofu", 6);
+}
+
+#[test]
+fn terraform_kms_import_by_arn() {
+    kms_import_by_arn("terraform", 5);
 }

@@ -260,7 +260,8 @@ impl Resource<ProviderData> for KmsKey {
     async fn read(&self, data: &ProviderData, state: &Value) -> Result<Option<Value>, Diagnostics> {
         let c = data.kms().await;
         let w = what(state);
-        let Some(id) = state
+        // After an import this is whatever the user gave: a key id or a key ARN.
+        let Some(given) = state
             .get("key_id")
             .as_str()
             .or(state.get("id").as_str())
@@ -268,12 +269,15 @@ impl Resource<ProviderData> for KmsKey {
         else {
             return Ok(None);
         };
-        let meta = match c.describe_key().key_id(&id).send().await {
+        let meta = match c.describe_key().key_id(&given).send().await {
             Ok(o) => o.key_metadata,
             Err(e) if is_missing(&e) => None,
             Err(e) => return Err(aws::diag(&e, &w, "kms:DescribeKey")),
         };
         let Some(meta) = meta else { return Ok(None) };
+        // `id` settles to the key id in this read, so an import by ARN is not followed by a
+        // "changed outside" note on the next refresh.
+        let id = meta.key_id().to_string();
         // A key scheduled for deletion is gone as far as configuration is concerned.
         if matches!(
             meta.key_state(),
@@ -287,7 +291,7 @@ impl Resource<ProviderData> for KmsKey {
             _ => Value::Object(BTreeMap::new()),
         };
         s.set("id", Value::string(&id));
-        s.set("key_id", Value::string(meta.key_id()));
+        s.set("key_id", Value::string(&id));
         s.set("arn", Value::opt_string(meta.arn()));
         s.set(
             "description",
