@@ -128,6 +128,15 @@ fn int(v: &Value, name: &str) -> i64 {
     v.get(name).as_i64().unwrap_or(0)
 }
 
+/// The configured KMS key for both queues; `""` (SQS-managed encryption) when unset.
+fn kms_key_id(planned: &Value) -> String {
+    planned
+        .get("kms_master_key_id")
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Attributes of the main queue that come from configuration (without RedrivePolicy).
 fn main_attributes(planned: &Value) -> HashMap<A, String> {
     let mut m = HashMap::from([
@@ -144,14 +153,7 @@ fn main_attributes(planned: &Value) -> HashMap<A, String> {
             int(planned, "receive_wait_time_seconds").to_string(),
         ),
         (A::DelaySeconds, int(planned, "delay_seconds").to_string()),
-        (
-            A::KmsMasterKeyId,
-            planned
-                .get("kms_master_key_id")
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-        ),
+        (A::KmsMasterKeyId, kms_key_id(planned)),
     ]);
     if planned.get("fifo").as_bool() == Some(true) {
         m.insert(
@@ -173,14 +175,7 @@ fn dlq_attributes(planned: &Value) -> HashMap<A, String> {
             A::MessageRetentionPeriod,
             int(planned, "dlq_message_retention_seconds").to_string(),
         ),
-        (
-            A::KmsMasterKeyId,
-            planned
-                .get("kms_master_key_id")
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-        ),
+        (A::KmsMasterKeyId, kms_key_id(planned)),
     ]);
     if planned.get("fifo").as_bool() == Some(true) {
         m.insert(A::FifoQueue, "true".into());
