@@ -26,12 +26,13 @@
 //! - TagResource/UntagResource only know clusters: tagging a node group answers
 //!   ResourceNotFoundException, so pool tags are set at creation only in the lifecycle.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Output;
 
 use agentplane_testsupport::{Stack, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY};
 use aws_sdk_eks::types::NodegroupScalingConfig;
+use common::Workspace;
 use terraform_provider_agentplane::config::{
     AwsSettings, Endpoints, KubeSettings, ProviderData, StaticKeys,
 };
@@ -41,19 +42,9 @@ use terraform_provider_agentplane::framework::{AttrPath, Diagnostics, Resource, 
 use terraform_provider_agentplane::resources::cluster::Cluster;
 use terraform_provider_agentplane::resources::gpu_node_pool::GpuNodePool;
 
-const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
 /// moto's account; EKS in moto only checks the shape of role ARNs.
 const ACCOUNT: &str = "123456789012";
 const SUBNETS: &str = r#"["subnet-0a1b2c3d", "subnet-0e4f5a6b"]"#;
-
-struct Workspace {
-    client: &'static str,
-    protocol: u32,
-    dir: tempfile::TempDir,
-    stack: &'static Stack,
-    /// Unique per test: the cluster name, and the prefix of everything else.
-    prefix: String,
-}
 
 /// The knobs the lifecycle turns.
 #[derive(Clone)]
@@ -75,84 +66,20 @@ impl Default for Knobs {
     }
 }
 
-impl Workspace {
-    fn new(client: &'static str, protocol: u32) -> Workspace {
-        let stack = Stack::shared().unwrap_or_else(|e| panic!("real-peer stack unavailable: {e}"));
-        agentplane_testsupport::peer_path(client).unwrap_or_else(|e| panic!("{client}: {e}"));
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("agentplane-eks-{client}-{protocol}."))
-            .tempdir()
-            .unwrap();
-        // Installed the way users install it: a filesystem mirror holding the built binary.
-        let version = env!("CARGO_PKG_VERSION");
-        let mirror = dir.path().join("mirror");
-        let pkg = mirror.join(format!(
-            "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
-        ));
-        std::fs::create_dir_all(&pkg).unwrap();
-        std::os::unix::fs::symlink(
-            BIN,
-            pkg.join(format!("terraform-provider-agentplane_v{version}")),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("cli.tfrc"),
-            format!(
-                "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
-                mirror.display()
-            ),
-        )
-        .unwrap();
-        let prefix = format!("eks-{client}-p{protocol}-{}", std::process::id());
-        Workspace {
-            client,
-            protocol,
-            dir,
-            stack,
-            prefix,
-        }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
-
-    fn provider_block(&self) -> String {
-        let ep = self.stack.aws_endpoint();
-        format!(
-            r#"terraform {{
-  required_providers {{
-    agentplane = {{ source = "registry.terraform.io/agentplane/agentplane" }}
-  }}
-}}
-
-provider "agentplane" {{
-  region     = "{TEST_REGION}"
-  access_key = "{TEST_ACCESS_KEY_ID}"
-  secret_key = "{TEST_SECRET_ACCESS_KEY}"
-  endpoints {{
-    eks = "{ep}"
-    kms = "{ep}"
-  }}
-}}
-"#
-        )
-    }
-
-    fn config(&self, k: &Knobs) {
-        let p = &self.prefix;
-        let tags = if k.extra_cluster_tag {
-            r#"{ env = "test", tier = "gpu" }"#
-        } else {
-            r#"{ env = "test" }"#
-        };
-        let labels = k
-            .pool_labels
-            .map(|l| format!("labels = {l}"))
-            .unwrap_or_default();
-        let tf = format!(
-            r#"{provider}
-resource "agentplane_kms_key" "k" {{
+/// Writes main.tf from the knobs.
+fn config(ws: &Workspace, k: &Knobs) {
+    let p = &ws.prefix;
+    let tags = if k.extra_cluster_tag {
+        r#"{ env = "test", tier = "gpu" }"#
+    } else {
+        r#"{ env = "test" }"#
+    };
+    let labels = k
+        .pool_labels
+        .map(|l| format!("labels = {l}"))
+        .unwrap_or_default();
+    ws.write_config(&format!(
+        r#"resource "agentplane_kms_key" "k" {{
   description = "EKS secrets of {p}"
 }}
 
@@ -187,69 +114,9 @@ output "pool_arn" {{ value = agentplane_gpu_node_pool.p.arn }}
 output "pool_status" {{ value = agentplane_gpu_node_pool.p.status }}
 output "pool_desired" {{ value = agentplane_gpu_node_pool.p.desired_size }}
 "#,
-            provider = self.provider_block(),
-            capacity = k.capacity_type,
-            max = k.max_size,
-        );
-        std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = self.stack.command(self.client).unwrap();
-        cmd.current_dir(self.dir.path())
-            .args(args)
-            .env("TF_CLI_CONFIG_FILE", self.dir.path().join("cli.tfrc"))
-            .env("TF_IN_AUTOMATION", "1")
-            .env("CHECKPOINT_DISABLE", "1")
-            .env("TF_LOG_PROVIDER", "INFO")
-            .env("TF_LOG_PATH", self.dir.path().join("client.log"))
-            .env("HOME", self.dir.path());
-        if self.protocol == 5 {
-            cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
-        }
-        cmd.output()
-            .unwrap_or_else(|e| panic!("running {} {args:?}: {e}", self.client))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{} {args:?} failed ({}):\n{stdout}\n{}",
-            self.client,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    }
-
-    /// `plan -detailed-exitcode`: 0 = no changes, 2 = changes. Returns (code, stdout).
-    fn plan(&self) -> (i32, String) {
-        let out = self.run(&["plan", "-no-color", "-input=false", "-detailed-exitcode"]);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let code = out.status.code().unwrap_or(-1);
-        assert!(
-            code == 0 || code == 2,
-            "plan failed ({code}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (code, stdout)
-    }
-
-    fn assert_empty_plan(&self, after: &str) {
-        let (code, out) = self.plan();
-        assert_eq!(code, 0, "plan after {after} is not empty:\n{out}");
-        assert!(out.contains("No changes"), "{out}");
-    }
-
-    fn apply(&self) -> String {
-        self.ok(&["apply", "-no-color", "-input=false", "-auto-approve"])
-    }
-
-    fn output(&self, name: &str) -> String {
-        self.ok(&["output", "-raw", name])
-    }
+        capacity = k.capacity_type,
+        max = k.max_size,
+    ));
 }
 
 async fn eks_client(stack: &Stack) -> aws_sdk_eks::Client {
@@ -257,7 +124,7 @@ async fn eks_client(stack: &Stack) -> aws_sdk_eks::Client {
 }
 
 fn lifecycle(client: &'static str, protocol: u32) {
-    let ws = Workspace::new(client, protocol);
+    let ws = Workspace::new(client, protocol, "eks");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let eks = rt.block_on(eks_client(ws.stack));
     let cluster = ws.prefix.clone();
@@ -273,7 +140,7 @@ fn lifecycle(client: &'static str, protocol: u32) {
         .unwrap()
     };
     let mut knobs = Knobs::default();
-    ws.config(&knobs);
+    config(&ws, &knobs);
 
     ws.ok(&["init", "-no-color", "-input=false"]);
     let (code, plan) = ws.plan();
@@ -350,7 +217,7 @@ fn lifecycle(client: &'static str, protocol: u32) {
     knobs.extra_cluster_tag = true;
     knobs.pool_labels = Some(r#"{ "agentplane.dev/pool" = "gpu", "agentplane.dev/gpu" = "a10g" }"#);
     knobs.max_size = 3;
-    ws.config(&knobs);
+    config(&ws, &knobs);
     let (code, plan) = ws.plan();
     assert_eq!(code, 2, "{plan}");
     assert!(
@@ -380,7 +247,7 @@ fn lifecycle(client: &'static str, protocol: u32) {
     // ForceNew: the capacity type replaces the pool (and only the pool).
     let old_arn = ws.output("pool_arn");
     knobs.capacity_type = "SPOT";
-    ws.config(&knobs);
+    config(&ws, &knobs);
     let (code, plan) = ws.plan();
     assert_eq!(code, 2, "{plan}");
     assert!(
@@ -438,7 +305,7 @@ fn lifecycle(client: &'static str, protocol: u32) {
     // Shrinking max_size keeps the autoscaler's size, clamped into the new bounds (3 -> 2),
     // rather than resetting it to the configured desired_size (1).
     knobs.max_size = 2;
-    ws.config(&knobs);
+    config(&ws, &knobs);
     let (code, plan) = ws.plan();
     assert!(
         code == 2 && plan.contains("0 to add, 1 to change"),
@@ -534,7 +401,7 @@ fn squeeze(s: &str) -> String {
 }
 
 fn bad_input_is_reported_with_paths(client: &'static str, protocol: u32) {
-    let ws = Workspace::new(client, protocol);
+    let ws = Workspace::new(client, protocol, "eks");
     let pool = |addr: &str, name: &str, body: &str| {
         format!(
             r#"resource "agentplane_gpu_node_pool" "{addr}" {{
@@ -548,7 +415,6 @@ fn bad_input_is_reported_with_paths(client: &'static str, protocol: u32) {
         )
     };
     let tf = [
-        ws.provider_block(),
         format!(
             r#"resource "agentplane_cluster" "noname" {{
   name       = ""
@@ -577,7 +443,7 @@ fn bad_input_is_reported_with_paths(client: &'static str, protocol: u32) {
         pool("capacity", "gpu", r#"capacity_type = "RESERVED""#),
     ]
     .concat();
-    std::fs::write(ws.path().join("main.tf"), tf).unwrap();
+    ws.write_config(&tf);
     ws.ok(&["init", "-no-color", "-input=false"]);
     let out = ws.run(&["plan", "-no-color", "-input=false"]);
     let text = squeeze(&format!(

@@ -67,7 +67,7 @@ impl Workspace {
         self.dir.path().to_path_buf()
     }
 
-    /// Writes main.tf: the provider pointed at moto, followed by `body`.
+    /// Writes main.tf: the provider with every AWS service pointed at moto, followed by `body`.
     pub fn write_config(&self, body: &str) {
         let ep = self.stack.aws_endpoint();
         let tf = format!(
@@ -84,6 +84,7 @@ provider "agentplane" {{
   endpoints {{
     sqs = "{ep}"
     kms = "{ep}"
+    eks = "{ep}"
   }}
 }}
 
@@ -166,6 +167,7 @@ provider "agentplane" {{
     pub fn assert_empty_plan(&self, after: &str) {
         let (code, out) = self.plan();
         assert_eq!(code, 0, "plan after {after} is not empty:\n{out}");
+        assert!(out.contains("No changes"), "{out}");
     }
 
     pub fn apply(&self) -> String {
