@@ -135,6 +135,10 @@ fn dlq_drift(client: &'static str, protocol: u32) {
         "the redrive was not re-attached to the real DLQ"
     );
 
+    // Destroy with the DLQ gone again removes the main queue too (it used to be orphaned).
+    let (dlq_url, _) = rt.block_on(queue(&sqs, &dlq));
+    rt.block_on(sqs.delete_queue().queue_url(&dlq_url).send())
+        .unwrap();
     let out = ws.destroy();
     assert!(out.contains("destroyed"), "{out}");
     rt.block_on(ws.assert_no_queues_left());

@@ -684,6 +684,40 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_dlq_plans_its_url_and_arn_unknown() {
+        let obj = |pairs: &[(&str, Value)]| {
+            Value::Object(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            )
+        };
+        let planned_for = |prior: &Value| {
+            let mut planned = obj(&[
+                ("name", Value::string("jobs")),
+                ("dlq_url", prior.get("dlq_url").clone()),
+                ("dlq_arn", prior.get("dlq_arn").clone()),
+            ]);
+            Queue.modify_plan(prior, &mut planned, &Value::Null, &mut Diagnostics::new());
+            planned
+        };
+        let present = obj(&[
+            ("dlq_url", Value::string("http://q/jobs-dlq")),
+            ("dlq_arn", Value::string("arn:aws:sqs:r:1:jobs-dlq")),
+        ]);
+        assert_eq!(planned_for(&present).get("dlq_url"), present.get("dlq_url"));
+        assert_eq!(planned_for(&present).get("dlq_arn"), present.get("dlq_arn"));
+        let missing = obj(&[("dlq_url", Value::Null), ("dlq_arn", Value::Null)]);
+        assert!(planned_for(&missing).get("dlq_url").is_unknown());
+        assert!(planned_for(&missing).get("dlq_arn").is_unknown());
+        assert_eq!(
+            planned_for(&missing).get("dlq_name"),
+            &Value::string("jobs-dlq")
+        );
+    }
+
+    #[test]
     fn import_accepts_url_or_name() {
         let v = Queue
             .import_state("http://127.0.0.1:5000/123456789012/jobs")
