@@ -7,12 +7,12 @@
 //! delete that plans as "will be created", and destroy. A missing peer fails the test with the
 //! reason (`ci/peers.sh` builds them).
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Output;
 
 use agentplane_testsupport::{Stack, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY};
-
-const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
 
 struct Workspace {
     client: &'static str,
@@ -30,28 +30,8 @@ impl Workspace {
             .prefix(&format!("agentplane-e2e-{client}-{protocol}."))
             .tempdir()
             .unwrap();
-        // Installed the way users install it: an unpacked filesystem mirror holding the built
-        // binary (symlinked). dev_overrides would skip `init`, which Terraform 1.5.7 refuses to
-        // run under overrides ("Skip terraform init when using provider development overrides").
-        let version = env!("CARGO_PKG_VERSION");
-        let mirror = dir.path().join("mirror");
-        let pkg = mirror.join(format!(
-            "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
-        ));
-        std::fs::create_dir_all(&pkg).unwrap();
-        std::os::unix::fs::symlink(
-            BIN,
-            pkg.join(format!("terraform-provider-agentplane_v{version}")),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("cli.tfrc"),
-            format!(
-                "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
-                mirror.display()
-            ),
-        )
-        .unwrap();
+        // Installed the way users install it: an unpacked filesystem mirror.
+        common::install_provider(dir.path());
         let prefix = format!("e2e-{client}-p{protocol}-{}", std::process::id());
         Workspace {
             client,
@@ -142,18 +122,9 @@ output "sign_key_id" {{ value = agentplane_kms_key.s.key_id }}
 
     fn run(&self, args: &[&str]) -> Output {
         let mut cmd = self.stack.command(self.client).unwrap();
-        cmd.current_dir(self.dir.path())
-            .args(args)
-            .env("TF_CLI_CONFIG_FILE", self.dir.path().join("cli.tfrc"))
-            .env("TF_IN_AUTOMATION", "1")
-            .env("CHECKPOINT_DISABLE", "1")
-            .env("TF_LOG_PROVIDER", "INFO")
-            .env("TF_LOG_PATH", self.dir.path().join("client.log"))
-            .env("HOME", self.dir.path());
-        if self.protocol == 5 {
-            cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
-        }
-        cmd.output()
+        common::client_env(&mut cmd, self.dir.path(), self.protocol);
+        cmd.args(args)
+            .output()
             .unwrap_or_else(|e| panic!("running {} {args:?}: {e}", self.client))
     }
 
