@@ -105,6 +105,7 @@ fn data(endpoint: String, max_retries: u32) -> ProviderData {
                 eks: None,
             },
             max_retries,
+            timeouts: Default::default(),
         },
         KubeSettings::default(),
     )

@@ -81,6 +81,13 @@ pub async fn serve<P: Provider>(provider: P, mode: Mode) -> Result<(), ServeErro
     let incoming = accept_loop(listener, mtls.as_ref().map(|m| m.config.clone()));
 
     let server = Arc::new(Server::new(provider));
+    // Shutdown, like StopProvider, cancels in-flight calls so they end well inside the grace.
+    let stop = server.stop_token();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        s.wait().await;
+        stop.cancel();
+    });
     let (v6, v5) = if proto == 6 {
         let s = tfplugin6::provider_server::ProviderServer::from_arc(server)
             .max_decoding_message_size(MAX_MESSAGE)
