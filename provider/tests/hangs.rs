@@ -1,4 +1,4 @@
-//! A silent endpoint and Ctrl-C, through the real clients (OpenTofu and
+//! A silent endpoint, Ctrl-C and a dead client, through the real clients (OpenTofu and
 //! Terraform 1.5.7), over protocol 6.
 //!
 //! The silent endpoint is a real listener on 127.0.0.1 that accepts connections and never
@@ -11,6 +11,7 @@
 //! - Ctrl-C: with the default (long) timeouts, one SIGINT to the client's process group (what
 //!   a terminal sends) ends the run; the time it took is printed, the bound asserted is generous
 //!   (timing thresholds belong in benchmarks).
+//! - dead client: SIGKILL of the client mid-plan; the provider process must not linger.
 //!
 //! A missing client fails the test with the reason (`ci/peers.sh` builds them).
 
@@ -29,6 +30,8 @@ use std::time::{Duration, Instant};
 const REACH: Duration = Duration::from_secs(120);
 /// Generous bound on exiting after Ctrl-C; the measured figure is printed.
 const AFTER_INTERRUPT: Duration = Duration::from_secs(10);
+/// Generous bound on the provider exiting after its client was killed.
+const AFTER_CLIENT_DEATH: Duration = Duration::from_secs(10);
 
 /// A listener that accepts every connection and never answers. Accepted connections are held
 /// open (never read, never written) for the life of the test process.
@@ -381,6 +384,28 @@ fn first_interrupt_ends_the_run(client: &'static str) {
     );
 }
 
+fn killed_client_leaves_no_provider(client: &'static str) {
+    let ws = Workspace::new(client, "");
+    let mut plan = ws.start_plan();
+    ws.wait_reached(&mut plan);
+    let providers = providers_of(plan.id());
+    assert!(!providers.is_empty(), "no provider process under {client}");
+    plan.kill().unwrap(); // SIGKILL to the client alone: no Stop, no Shutdown.
+    plan.wait().unwrap();
+    let start = Instant::now();
+    let lingering = wait_gone(&providers, AFTER_CLIENT_DEATH);
+    if !lingering.is_empty() {
+        cleanup(&mut plan, &lingering);
+        panic!(
+            "provider processes {lingering:?} still running {AFTER_CLIENT_DEATH:?} after {client} was killed"
+        );
+    }
+    println!(
+        "{client}: provider exited {:.2?} after its client was killed",
+        start.elapsed()
+    );
+}
+
 /// Waits up to `bound` for every pid to exit; returns those still alive.
 fn wait_gone(pids: &[u32], bound: Duration) -> Vec<u32> {
     let deadline = Instant::now() + bound;
@@ -421,4 +446,14 @@ fn tofu_first_interrupt_ends_the_run() {
 #[test]
 fn terraform_first_interrupt_ends_the_run() {
     first_interrupt_ends_the_run("terraform");
+}
+
+#[test]
+fn tofu_killed_client_leaves_no_provider() {
+    killed_client_leaves_no_provider("tofu");
+}
+
+#[test]
+fn terraform_killed_client_leaves_no_provider() {
+    killed_client_leaves_no_provider("terraform");
 }

@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod handshake;
 pub mod log;
+pub mod parent;
 pub mod services;
 pub mod tls;
 
@@ -128,6 +129,12 @@ pub async fn serve<P: Provider>(provider: P, mode: Mode) -> Result<(), ServeErro
                 .and_then(|()| out.flush())
                 .map_err(ServeError::Stdout)?;
             tokio::spawn(ignore_interrupts(shutdown.clone()));
+            // A client that dies (even by SIGKILL) never sends Shutdown: stop on our own.
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                parent::gone().await;
+                s.trigger();
+            });
         }
         Mode::Debug => {
             print_reattach(addr);
