@@ -1,5 +1,6 @@
 //! A silent endpoint, Ctrl-C and a dead client, through the real clients (OpenTofu and
-//! Terraform 1.5.7), over protocol 6.
+//! Terraform 1.5.7), over protocol 6 (Ctrl-C over protocol 5 too: `Stop` there, `StopProvider`
+//! in 6).
 //!
 //! The silent endpoint is a real listener on 127.0.0.1 that accepts connections and never
 //! writes a byte: the failure under test, not a stand-in for AWS or Kubernetes. The provider's
@@ -79,6 +80,7 @@ impl Silent {
 /// A client workspace whose provider talks to two silent endpoints.
 struct Workspace {
     client: &'static str,
+    protocol: u32,
     dir: tempfile::TempDir,
     aws: Silent,
     kube: Silent,
@@ -86,7 +88,7 @@ struct Workspace {
 
 impl Workspace {
     /// `settings` is spliced into the provider block.
-    fn new(client: &'static str, settings: &str) -> Workspace {
+    fn new(client: &'static str, protocol: u32, settings: &str) -> Workspace {
         agentplane_testsupport::peer_path(client).unwrap_or_else(|e| panic!("{client}: {e}"));
         let dir = tempfile::Builder::new()
             .prefix(&format!("agentplane-hangs-{client}."))
@@ -95,6 +97,7 @@ impl Workspace {
         common::install_provider(dir.path());
         let ws = Workspace {
             client,
+            protocol,
             dir,
             aws: Silent::start(),
             kube: Silent::start(),
@@ -160,7 +163,7 @@ resource "agentplane_edge_device" "pi" {{
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = agentplane_testsupport::peer_command(self.client).unwrap();
-        common::client_env(&mut cmd, self.dir.path(), 6);
+        common::client_env(&mut cmd, self.dir.path(), self.protocol);
         cmd.args(args).stdin(Stdio::null());
         cmd
     }
@@ -292,6 +295,7 @@ fn silent_endpoints_time_out(client: &'static str) {
     // The read timeout ends each call (no retries, a generous operation bound).
     let ws = Workspace::new(
         client,
+        6,
         "  max_retries       = 0\n  connect_timeout   = \"2s\"\n  read_timeout      = \"2s\"\n  operation_timeout = \"1m\"",
     );
     let out = plan_must_fail_on_its_own(&ws, "read_timeout 2s");
@@ -334,7 +338,7 @@ fn invalid_timeouts_are_attribute_errors(client: &'static str) {
         ("read_timeout", "0s", "is zero"),
         ("operation_timeout", "-5s", "is negative"),
     ];
-    let ws = Workspace::new(client, "");
+    let ws = Workspace::new(client, 6, "");
     let lines: Vec<String> = bad
         .iter()
         .map(|(attr, value, _)| format!("  {attr} = \"{value}\""))
@@ -355,8 +359,8 @@ fn invalid_timeouts_are_attribute_errors(client: &'static str) {
     }
 }
 
-fn first_interrupt_ends_the_run(client: &'static str) {
-    let ws = Workspace::new(client, "");
+fn first_interrupt_ends_the_run(client: &'static str, protocol: u32) {
+    let ws = Workspace::new(client, protocol, "");
     let mut plan = ws.start_plan();
     ws.wait_reached(&mut plan);
     let providers = providers_of(plan.id());
@@ -370,7 +374,7 @@ fn first_interrupt_ends_the_run(client: &'static str) {
             ws.plan_output()
         );
     };
-    println!("{client}: exited {took:.2?} after the first Ctrl-C ({status})");
+    println!("{client} (protocol {protocol}): exited {took:.2?} after the first Ctrl-C ({status})");
     let out = ws.plan_output();
     assert!(!status.success(), "{out}");
     assert!(
@@ -385,7 +389,7 @@ fn first_interrupt_ends_the_run(client: &'static str) {
 }
 
 fn killed_client_leaves_no_provider(client: &'static str) {
-    let ws = Workspace::new(client, "");
+    let ws = Workspace::new(client, 6, "");
     let mut plan = ws.start_plan();
     ws.wait_reached(&mut plan);
     let providers = providers_of(plan.id());
@@ -439,13 +443,23 @@ fn terraform_invalid_timeouts_are_attribute_errors() {
 }
 
 #[test]
-fn tofu_first_interrupt_ends_the_run() {
-    first_interrupt_ends_the_run("tofu");
+fn tofu_protocol6_first_interrupt_ends_the_run() {
+    first_interrupt_ends_the_run("tofu", 6);
 }
 
 #[test]
-fn terraform_first_interrupt_ends_the_run() {
-    first_interrupt_ends_the_run("terraform");
+fn tofu_protocol5_first_interrupt_ends_the_run() {
+    first_interrupt_ends_the_run("tofu", 5);
+}
+
+#[test]
+fn terraform_protocol6_first_interrupt_ends_the_run() {
+    first_interrupt_ends_the_run("terraform", 6);
+}
+
+#[test]
+fn terraform_protocol5_first_interrupt_ends_the_run() {
+    first_interrupt_ends_the_run("terraform", 5);
 }
 
 #[test]
