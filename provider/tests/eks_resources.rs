@@ -26,6 +26,8 @@
 //! - TagResource/UntagResource only know clusters: tagging a node group answers
 //!   ResourceNotFoundException, so pool tags are set at creation only in the lifecycle.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Output;
@@ -41,7 +43,6 @@ use terraform_provider_agentplane::framework::{AttrPath, Diagnostics, Resource, 
 use terraform_provider_agentplane::resources::cluster::Cluster;
 use terraform_provider_agentplane::resources::gpu_node_pool::GpuNodePool;
 
-const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
 /// moto's account; EKS in moto only checks the shape of role ARNs.
 const ACCOUNT: &str = "123456789012";
 const SUBNETS: &str = r#"["subnet-0a1b2c3d", "subnet-0e4f5a6b"]"#;
@@ -84,25 +85,7 @@ impl Workspace {
             .tempdir()
             .unwrap();
         // Installed the way users install it: a filesystem mirror holding the built binary.
-        let version = env!("CARGO_PKG_VERSION");
-        let mirror = dir.path().join("mirror");
-        let pkg = mirror.join(format!(
-            "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
-        ));
-        std::fs::create_dir_all(&pkg).unwrap();
-        std::os::unix::fs::symlink(
-            BIN,
-            pkg.join(format!("terraform-provider-agentplane_v{version}")),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("cli.tfrc"),
-            format!(
-                "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
-                mirror.display()
-            ),
-        )
-        .unwrap();
+        common::install_provider(dir.path());
         let prefix = format!("eks-{client}-p{protocol}-{}", std::process::id());
         Workspace {
             client,
@@ -196,18 +179,9 @@ output "pool_desired" {{ value = agentplane_gpu_node_pool.p.desired_size }}
 
     fn run(&self, args: &[&str]) -> Output {
         let mut cmd = self.stack.command(self.client).unwrap();
-        cmd.current_dir(self.dir.path())
-            .args(args)
-            .env("TF_CLI_CONFIG_FILE", self.dir.path().join("cli.tfrc"))
-            .env("TF_IN_AUTOMATION", "1")
-            .env("CHECKPOINT_DISABLE", "1")
-            .env("TF_LOG_PROVIDER", "INFO")
-            .env("TF_LOG_PATH", self.dir.path().join("client.log"))
-            .env("HOME", self.dir.path());
-        if self.protocol == 5 {
-            cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
-        }
-        cmd.output()
+        common::client_env(&mut cmd, self.dir.path(), self.protocol);
+        cmd.args(args)
+            .output()
             .unwrap_or_else(|e| panic!("running {} {args:?}: {e}", self.client))
     }
 

@@ -13,6 +13,8 @@
 //!   operator's audit log: the Deployment/StatefulSet switch and the storage change refused at
 //!   plan.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -32,7 +34,6 @@ use terraform_provider_agentplane::resources::edge_device::EdgeDevice;
 use terraform_provider_agentplane::resources::keda_scaler::KedaScaler;
 use terraform_provider_agentplane::resources::platform::Platform;
 
-const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
 /// Field manager of this test's own writes (never the provider's).
 const TEST_MANAGER: &str = "kube-resources-test";
 /// RFC 8032 test vectors 1 and 2: valid Ed25519 public keys, base64.
@@ -1048,7 +1049,7 @@ impl Workspace {
             .prefix(&format!("agentplane-kube-{client}-{protocol}."))
             .tempdir()
             .unwrap();
-        write_mirror(dir.path());
+        common::install_provider(dir.path());
         let ns = unique(&format!("tf-{client}-p{protocol}"));
         Workspace {
             client,
@@ -1247,43 +1248,11 @@ output "object_count" {{ value = length(agentplane_platform.p.objects) }}
     }
 }
 
-/// The provider, installed as users install it: an unpacked filesystem mirror (see e2e.rs).
-fn write_mirror(dir: &Path) {
-    let version = env!("CARGO_PKG_VERSION");
-    let mirror = dir.join("mirror");
-    let pkg = mirror.join(format!(
-        "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
-    ));
-    std::fs::create_dir_all(&pkg).unwrap();
-    std::os::unix::fs::symlink(
-        BIN,
-        pkg.join(format!("terraform-provider-agentplane_v{version}")),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("cli.tfrc"),
-        format!(
-            "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
-            mirror.display()
-        ),
-    )
-    .unwrap();
-}
-
 fn run_client(client: &str, protocol: u32, stack: &Stack, dir: &Path, args: &[&str]) -> Output {
     let mut cmd: Command = stack.command(client).unwrap();
-    cmd.current_dir(dir)
-        .args(args)
-        .env("TF_CLI_CONFIG_FILE", dir.join("cli.tfrc"))
-        .env("TF_IN_AUTOMATION", "1")
-        .env("CHECKPOINT_DISABLE", "1")
-        .env("TF_LOG_PROVIDER", "INFO")
-        .env("TF_LOG_PATH", dir.join("client.log"))
-        .env("HOME", dir);
-    if protocol == 5 {
-        cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
-    }
-    cmd.output()
+    common::client_env(&mut cmd, dir, protocol);
+    cmd.args(args)
+        .output()
         .unwrap_or_else(|e| panic!("running {client} {args:?}: {e}"))
 }
 
@@ -1783,7 +1752,7 @@ fn tofu_operator_audit_switches_kind_and_guards_its_storage() {
 fn unreachable_through_the_client(client: &'static str, protocol: u32) {
     let stack = stack();
     let dir = tempfile::tempdir().unwrap();
-    write_mirror(dir.path());
+    common::install_provider(dir.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1845,7 +1814,7 @@ fn example_local(client: &'static str, protocol: u32) {
         .prefix(&format!("agentplane-example-{client}."))
         .tempdir()
         .unwrap();
-    write_mirror(dir.path());
+    common::install_provider(dir.path());
     let example = agentplane_testsupport::repo_root().join("examples/terraform/local");
     for f in std::fs::read_dir(&example).unwrap() {
         let p = f.unwrap().path();
