@@ -455,14 +455,11 @@ mod tests {
         ]);
         let mut d = Diagnostics::new();
         AgentplaneProvider.validate(&c, &mut d);
-        let paths: Vec<String> =
-            d.0.iter()
-                .map(|d| d.path.as_ref().unwrap().to_string())
-                .collect();
-        assert_eq!(
-            paths,
-            ["connect_timeout", "read_timeout", "operation_timeout"]
-        );
+        let attrs = ["connect_timeout", "read_timeout", "operation_timeout"];
+        assert_eq!(d.0.len(), attrs.len(), "{d:?}");
+        for (diag, attr) in d.0.iter().zip(attrs) {
+            assert_eq!(diag.path, Some(AttrPath::attr(attr)), "{diag:?}");
+        }
         assert!(d.0[0].detail.contains("not a duration"), "{:?}", d.0[0]);
         assert!(d.0[1].detail.contains("zero"), "{:?}", d.0[1]);
         assert!(d.0[2].detail.contains("negative"), "{:?}", d.0[2]);
