@@ -4,9 +4,10 @@
 //! backoff with jitter, budget from the provider's `max_retries`), so by the time an error
 //! reaches here retrying has already been tried.
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_sqs::error::{ConnectorError, DisplayErrorContext, ProvideErrorMetadata};
 
 use crate::framework::Diagnostics;
+use crate::timeouts;
 
 /// What kind of failure an AWS error code stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,11 +46,45 @@ pub fn classify(code: Option<&str>) -> ErrorKind {
     }
 }
 
+/// Display of the SDK's `SdkError::TimeoutError` (an operation or attempt timeout); its
+/// payload type is private to the SDK runtime, so the variant is recognised by this text.
+const SDK_TIMEOUT: &str = "request has timed out";
+
+/// Whether a failed call ran out of time: the SDK's operation/attempt timeout, or the HTTP
+/// client's connect/read timeout (a timeout `ConnectorError` somewhere in the chain).
+pub fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    if err.to_string() == SDK_TIMEOUT {
+        return true;
+    }
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<ConnectorError>()
+            .is_some_and(ConnectorError::is_timeout)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// A diagnostic for a failed AWS call on `resource` (e.g. `agentplane_queue "jobs"`).
 pub fn diag<E>(err: &E, resource: &str, op: &str) -> Diagnostics
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
+    if is_timeout(err) {
+        return Diagnostics::single(
+            format!("AWS did not answer {op} for {resource} in time"),
+            format!(
+                "{}\nCheck that the endpoint is up and reachable, or raise `{}`, `{}` or `{}` in the provider block.",
+                DisplayErrorContext(err),
+                timeouts::CONNECT,
+                timeouts::READ,
+                timeouts::OPERATION,
+            ),
+        );
+    }
     let code = err.code();
     let message = err.message().unwrap_or("");
     match classify(code) {

@@ -10,6 +10,7 @@ use crate::framework::{
     Schema, Validator, Value,
 };
 use crate::resources;
+use crate::timeouts::{self, Timeouts};
 
 /// Endpoint overrides (emulators such as moto/LocalStack, or S3/SQS-compatible services).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -42,6 +43,8 @@ pub struct AwsSettings {
     pub keys: Option<StaticKeys>,
     pub endpoints: Endpoints,
     pub max_retries: u32,
+    /// Connect/read/operation timeouts of every AWS call.
+    pub timeouts: Timeouts,
 }
 
 /// Kubernetes access, stored for the cluster-side resources.
@@ -52,6 +55,8 @@ pub struct KubeSettings {
     pub cluster_ca_certificate: Option<String>,
     pub config_path: Option<String>,
     pub config_context: Option<String>,
+    /// Connect/read/write timeouts of the client and the bound on each call.
+    pub timeouts: Timeouts,
 }
 
 impl std::fmt::Debug for KubeSettings {
@@ -61,6 +66,7 @@ impl std::fmt::Debug for KubeSettings {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("config_path", &self.config_path)
             .field("config_context", &self.config_context)
+            .field("timeouts", &self.timeouts)
             .finish_non_exhaustive()
     }
 }
@@ -100,8 +106,10 @@ impl ProviderData {
                 let retry = aws_config::retry::RetryConfig::standard()
                     .with_max_attempts(self.aws.max_retries + 1)
                     .with_initial_backoff(std::time::Duration::from_millis(200));
-                let mut loader =
-                    aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(retry);
+                // The SDK's own timeouts: a silent endpoint fails the call instead of hanging it.
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .retry_config(retry)
+                    .timeout_config(self.aws.timeouts.aws());
                 if let Some(r) = &self.aws.region {
                     loader = loader.region(aws_config::Region::new(r.clone()));
                 }
@@ -184,8 +192,10 @@ fn first(v: &Value) -> Value {
     }
 }
 
-/// Reads a wholly known provider configuration into settings.
-pub fn settings(config: &Value) -> (AwsSettings, KubeSettings) {
+/// Reads a wholly known provider configuration into settings; a bad timeout is an error on
+/// its attribute.
+pub fn settings(config: &Value) -> Result<(AwsSettings, KubeSettings), Diagnostics> {
+    let timeouts = timeouts::from_config(config)?;
     let ep = first(config.get("endpoints"));
     let keys = match (
         opt_str(config.get("access_key")),
@@ -212,6 +222,7 @@ pub fn settings(config: &Value) -> (AwsSettings, KubeSettings) {
             .as_i64()
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(DEFAULT_MAX_RETRIES),
+        timeouts,
     };
     let k = first(config.get("kubernetes"));
     let kube = KubeSettings {
@@ -220,8 +231,9 @@ pub fn settings(config: &Value) -> (AwsSettings, KubeSettings) {
         cluster_ca_certificate: opt_str(k.get("cluster_ca_certificate")),
         config_path: opt_str(k.get("config_path")),
         config_context: opt_str(k.get("config_context")),
+        timeouts,
     };
-    (aws, kube)
+    Ok((aws, kube))
 }
 
 #[async_trait]
@@ -247,6 +259,7 @@ impl Provider for AgentplaneProvider {
                 .optional()
                 .describe("EKS endpoint URL."),
         );
+        let [connect_timeout, read_timeout, operation_timeout] = timeouts::attributes();
         let kube = Block::new("Kubernetes access for the cluster-side resources. Either `host` (+ `token`, `cluster_ca_certificate`) or `config_path` (+ `config_context`).")
             .attr(Attribute::string("host").optional().describe("API server URL."))
             .attr(Attribute::string("token").optional().sensitive().describe("Bearer token."))
@@ -267,12 +280,18 @@ impl Provider for AgentplaneProvider {
                         .validate(Validator::IntRange(0, 25))
                         .describe("Retries for throttled or transient AWS errors (exponential backoff). Default 8."),
                 )
+                .attr(connect_timeout)
+                .attr(read_timeout)
+                .attr(operation_timeout)
                 .block(one_block("endpoints", endpoints))
                 .block(one_block("kubernetes", kube)),
         }
     }
 
     fn validate(&self, config: &Value, diags: &mut Diagnostics) {
+        if let Err(d) = timeouts::from_config(config) {
+            diags.extend(d);
+        }
         let ak = config.get("access_key");
         let sk = config.get("secret_key");
         if ak.is_null() != sk.is_null() && !ak.is_unknown() && !sk.is_unknown() {
@@ -333,8 +352,8 @@ impl Provider for AgentplaneProvider {
     }
 
     async fn configure(&self, config: &Value) -> Result<ProviderData, Diagnostics> {
-        let (aws, kube) = settings(config);
-        tracing::debug!(region = ?aws.region, endpoints = ?aws.endpoints, "provider configured");
+        let (aws, kube) = settings(config)?;
+        tracing::debug!(region = ?aws.region, endpoints = ?aws.endpoints, timeouts = ?aws.timeouts, "provider configured");
         Ok(ProviderData::new(aws, kube))
     }
 
@@ -391,7 +410,9 @@ mod tests {
             ("secret_key", Value::string("SK")),
             ("endpoints", Value::List(vec![ep])),
         ]);
-        let (aws, _) = settings(&c);
+        let (aws, kube) = settings(&c).unwrap();
+        assert_eq!(aws.timeouts, Timeouts::default());
+        assert_eq!(kube.timeouts, Timeouts::default());
         assert_eq!(aws.region.as_deref(), Some("us-east-1"));
         assert_eq!(aws.endpoints.sqs.as_deref(), Some("http://127.0.0.1:5000"));
         assert_eq!(aws.max_retries, DEFAULT_MAX_RETRIES);
@@ -407,6 +428,46 @@ mod tests {
         let mut d = Diagnostics::new();
         AgentplaneProvider.validate(&cfg(&[("access_key", Value::string("AK"))]), &mut d);
         assert_eq!(d.0[0].path, Some(AttrPath::attr("secret_key")));
+    }
+
+    #[test]
+    fn timeouts_reach_both_clients() {
+        let c = cfg(&[
+            ("connect_timeout", Value::string("2s")),
+            ("read_timeout", Value::string("1m30s")),
+            ("operation_timeout", Value::string("5m")),
+        ]);
+        let want = Timeouts {
+            connect: std::time::Duration::from_secs(2),
+            read: std::time::Duration::from_secs(90),
+            operation: std::time::Duration::from_secs(300),
+        };
+        let (aws, kube) = settings(&c).unwrap();
+        assert_eq!((aws.timeouts, kube.timeouts), (want, want));
+    }
+
+    #[test]
+    fn bad_zero_and_negative_timeouts_are_errors_on_their_attribute() {
+        let c = cfg(&[
+            ("connect_timeout", Value::string("soon")),
+            ("read_timeout", Value::string("0s")),
+            ("operation_timeout", Value::string("-5s")),
+        ]);
+        let mut d = Diagnostics::new();
+        AgentplaneProvider.validate(&c, &mut d);
+        let attrs = ["connect_timeout", "read_timeout", "operation_timeout"];
+        assert_eq!(d.0.len(), attrs.len(), "{d:?}");
+        for (diag, attr) in d.0.iter().zip(attrs) {
+            assert_eq!(diag.path, Some(AttrPath::attr(attr)), "{diag:?}");
+        }
+        assert!(d.0[0].detail.contains("not a duration"), "{:?}", d.0[0]);
+        assert!(d.0[1].detail.contains("zero"), "{:?}", d.0[1]);
+        assert!(d.0[2].detail.contains("negative"), "{:?}", d.0[2]);
+        // Configure refuses them too (values unknown at validate time are only checked there).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(rt.block_on(AgentplaneProvider.configure(&c)).is_err());
     }
 
     #[test]

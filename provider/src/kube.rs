@@ -11,8 +11,11 @@
 //! - Drift is measured by a server-side dry-run apply of our intent: if the API server says
 //!   applying it again would change the live object, the object drifted.
 //! - Every failure becomes a diagnostic naming the Terraform resource and the API endpoint.
+//! - Every call is bounded: the client's connect/read/write timeouts and, around each call,
+//!   the provider's `operation_timeout` (see [`crate::timeouts`]), so a server that accepts
+//!   connections and never answers fails the call instead of hanging the run.
 
-use std::time::Duration;
+use std::future::Future;
 
 use base64::Engine as _;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
@@ -21,17 +24,13 @@ use serde_json::{Value as Json, json};
 
 use crate::config::KubeSettings;
 use crate::framework::{Diagnostics, Value};
+use crate::timeouts::{self, Timeouts};
 
 /// The field manager every object of ours is applied under.
 pub const FIELD_MANAGER: &str = "agentplane-terraform";
 
 /// Where settings from `host`/`token`/`cluster_ca_certificate` come from, in messages.
 const INLINE: &str = "(the provider's kubernetes block)";
-
-/// How long to wait for the TCP/TLS connection to the API server.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one API response may take (CRD applies on a busy server are the slowest).
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Problems with the provider's Kubernetes settings themselves (before any request).
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +58,7 @@ pub enum SettingsError {
 pub struct Kube {
     client: kube::Client,
     endpoint: String,
+    timeouts: Timeouts,
 }
 
 /// Turns the provider's `cluster_ca_certificate` (PEM, or base64 of PEM as EKS reports it)
@@ -160,8 +160,7 @@ async fn config_for(settings: &KubeSettings) -> Result<kube::Config, SettingsErr
     {
         config.auth_info.token = Some(t.clone().into());
     }
-    config.connect_timeout = Some(CONNECT_TIMEOUT);
-    config.read_timeout = Some(READ_TIMEOUT);
+    settings.timeouts.apply_to_kube(&mut config);
     Ok(config)
 }
 
@@ -183,7 +182,34 @@ impl Kube {
         let client = kube::Client::try_from(config)
             .map_err(SettingsError::Client)
             .map_err(fail)?;
-        Ok(Kube { client, endpoint })
+        Ok(Kube {
+            client,
+            endpoint,
+            timeouts: settings.timeouts,
+        })
+    }
+
+    /// Runs one API call under the provider's `operation_timeout`. The outer error is the
+    /// timeout; the inner result is the call's own, for the caller to classify.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        action: &str,
+        call: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<Result<T, kube::Error>, Diagnostics> {
+        let limit = self.timeouts.operation;
+        tokio::time::timeout(limit, call).await.map_err(|_| {
+            Diagnostics::single(
+                format!("Kubernetes API timed out for {what}"),
+                format!(
+                    "{action} at {} got no answer within {} = {limit:?}.\nCheck that the API server is up and reachable, or raise `{}` (and `{}`) in the provider block.",
+                    self.endpoint,
+                    timeouts::OPERATION,
+                    timeouts::OPERATION,
+                    timeouts::READ,
+                ),
+            )
+        })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -203,10 +229,14 @@ impl Kube {
 
     /// Reads one object; `None` when it does not exist.
     pub async fn get(&self, what: &str, r: &ObjRef) -> Result<Option<Json>, Diagnostics> {
-        match self.api(r).get_opt(&r.name).await {
+        let action = format!("get {r}");
+        match self
+            .bounded(what, &action, self.api(r).get_opt(&r.name))
+            .await?
+        {
             Ok(Some(o)) => Ok(Some(to_json(&o))),
             Ok(None) => Ok(None),
-            Err(e) => Err(self.diag(&e, what, &format!("get {r}"))),
+            Err(e) => Err(self.diag(&e, what, &action)),
         }
     }
 
@@ -223,11 +253,12 @@ impl Kube {
         if force {
             params = params.force();
         }
-        self.api(&r)
-            .patch(&r.name, &params, &Patch::Apply(manifest))
-            .await
+        let action = format!("apply {r}");
+        let patch = Patch::Apply(manifest);
+        self.bounded(what, &action, self.api(&r).patch(&r.name, &params, &patch))
+            .await?
             .map(|o| to_json(&o))
-            .map_err(|e| self.diag(&e, what, &format!("apply {r}")))
+            .map_err(|e| self.diag(&e, what, &action))
     }
 
     /// Applies every manifest in order.
@@ -245,14 +276,15 @@ impl Kube {
 
     /// Deletes one object (in the background); an object already gone is not an error.
     pub async fn delete(&self, what: &str, r: &ObjRef) -> Result<(), Diagnostics> {
+        let action = format!("delete {r}");
+        let params = DeleteParams::background();
         match self
-            .api(r)
-            .delete(&r.name, &DeleteParams::background())
-            .await
+            .bounded(what, &action, self.api(r).delete(&r.name, &params))
+            .await?
         {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(self.diag(&e, what, &format!("delete {r}"))),
+            Err(e) => Err(self.diag(&e, what, &action)),
         }
     }
 
@@ -274,10 +306,11 @@ impl Kube {
         if force {
             params = params.force();
         }
+        let action = format!("dry-run apply {r}");
+        let patch = Patch::Apply(manifest);
         let would_be = match self
-            .api(&r)
-            .patch(&r.name, &params, &Patch::Apply(manifest))
-            .await
+            .bounded(what, &action, self.api(&r).patch(&r.name, &params, &patch))
+            .await?
         {
             Ok(o) => to_json(&o),
             Err(kube::Error::Api(s)) if !conflicts(&s).is_empty() => {
@@ -288,7 +321,7 @@ impl Kube {
                     .join(", ");
                 return Ok(Some(format!("{r}: {list}")));
             }
-            Err(e) => return Err(self.diag(&e, what, &format!("dry-run apply {r}"))),
+            Err(e) => return Err(self.diag(&e, what, &action)),
         };
         let mut paths = Vec::new();
         diff_paths(&comparable(&live), &comparable(&would_be), "", &mut paths);
@@ -374,7 +407,7 @@ pub fn classify_error(err: &kube::Error, what: &str, action: &str, endpoint: &st
         kube::Error::HyperError(_) | kube::Error::Service(_) => Diagnostics::single(
             format!("Cannot reach the Kubernetes API for {what}"),
             format!(
-                "{action} at {endpoint} failed: {}\nCheck `host` (or the kubeconfig) and `cluster_ca_certificate` in the provider's `kubernetes` block, and that the API server is running.",
+                "{action} at {endpoint} failed: {}\nCheck `host` (or the kubeconfig) and `cluster_ca_certificate` in the provider's `kubernetes` block, and that the API server is running and answers within the provider's `connect_timeout`/`read_timeout`.",
                 chain(err)
             ),
         ),

@@ -9,5 +9,6 @@ pub mod kube;
 pub mod platform_manifests;
 pub mod plugin;
 pub mod resources;
+pub mod timeouts;
 
 pub use config::AgentplaneProvider;

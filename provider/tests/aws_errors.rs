@@ -63,7 +63,7 @@ async fn serve(script: Arc<Mutex<Script>>) -> String {
                                 code,
                                 format!(r#"{{"__type":"{ty}","message":"scripted {ty}"}}"#),
                             ),
-                            None => (200, answer(&target)),
+                            None => (200, answer(&target, &body)),
                         }
                     };
                     let resp = format!(
@@ -80,8 +80,13 @@ async fn serve(script: Arc<Mutex<Script>>) -> String {
     format!("http://{addr}")
 }
 
-fn answer(target: &str) -> String {
+/// The answer to a successful call. GetQueueAttributes of the DLQ (its URL in the request
+/// body) answers the DLQ's own ARN: the read only keeps `max_receive_count` when the redrive
+/// targets that ARN.
+fn answer(target: &str, body: &[u8]) -> String {
+    let about_dlq = String::from_utf8_lossy(body).contains("jobs-dlq");
     match target {
+        "amazonsqs.getqueueattributes" if about_dlq => r#"{"Attributes":{"QueueArn":"arn:aws:sqs:us-east-1:123456789012:jobs-dlq","MessageRetentionPeriod":"1209600"}}"#.into(),
         "amazonsqs.getqueueattributes" => r#"{"Attributes":{"QueueArn":"arn:aws:sqs:us-east-1:123456789012:jobs","VisibilityTimeout":"30","MessageRetentionPeriod":"345600","ReceiveMessageWaitTimeSeconds":"0","DelaySeconds":"0","RedrivePolicy":"{\"deadLetterTargetArn\":\"arn:aws:sqs:us-east-1:123456789012:jobs-dlq\",\"maxReceiveCount\":5}"}}"#.into(),
         "amazonsqs.listqueuetags" => r#"{"Tags":{}}"#.into(),
         "amazonsqs.getqueueurl" => r#"{"QueueUrl":"http://127.0.0.1/123456789012/jobs-dlq"}"#.into(),
@@ -105,6 +110,7 @@ fn data(endpoint: String, max_retries: u32) -> ProviderData {
                 eks: None,
             },
             max_retries,
+            timeouts: Default::default(),
         },
         KubeSettings::default(),
     )

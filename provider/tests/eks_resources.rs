@@ -531,6 +531,7 @@ fn moto_eks_gaps() {
                     ..Endpoints::default()
                 },
                 max_retries: 0,
+                timeouts: Default::default(),
             },
             KubeSettings::default(),
         );

@@ -13,11 +13,13 @@
 //!   operator's audit log: the Deployment/StatefulSet switch and the storage change refused at
 //!   plan.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use agentplane_testsupport::{Stack, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY};
+use agentplane_testsupport::{Stack, TEST_REGION};
+use common::Workspace;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value as Json, json};
@@ -32,7 +34,6 @@ use terraform_provider_agentplane::resources::edge_device::EdgeDevice;
 use terraform_provider_agentplane::resources::keda_scaler::KedaScaler;
 use terraform_provider_agentplane::resources::platform::Platform;
 
-const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
 /// Field manager of this test's own writes (never the provider's).
 const TEST_MANAGER: &str = "kube-resources-test";
 /// RFC 8032 test vectors 1 and 2: valid Ed25519 public keys, base64.
@@ -1032,65 +1033,29 @@ struct Knobs {
     policy_force: bool,
 }
 
-struct Workspace {
-    client: &'static str,
-    protocol: u32,
-    dir: tempfile::TempDir,
-    stack: &'static Stack,
-    ns: String,
-}
-
+/// Kubernetes namespace of a workspace: its per-test prefix (see `common::Workspace`).
 impl Workspace {
-    fn new(client: &'static str, protocol: u32) -> Workspace {
-        let stack = stack();
-        agentplane_testsupport::peer_path(client).unwrap_or_else(|e| panic!("{client}: {e}"));
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("agentplane-kube-{client}-{protocol}."))
-            .tempdir()
-            .unwrap();
-        write_mirror(dir.path());
-        let ns = unique(&format!("tf-{client}-p{protocol}"));
-        Workspace {
-            client,
-            protocol,
-            dir,
-            stack,
-            ns,
-        }
+    fn ns(&self) -> &str {
+        &self.prefix
     }
 
+    /// The provider block for moto and the stack's kube-apiserver reached at `kube_host`.
     fn provider_block(&self, kube_host: &str) -> String {
-        let ep = self.stack.aws_endpoint();
         let token = env(self.stack, "AGENTPLANE_KUBE_TOKEN");
         let ca = env(self.stack, "AGENTPLANE_KUBE_CA");
-        format!(
-            r#"terraform {{
-  required_providers {{
-    agentplane = {{ source = "registry.terraform.io/agentplane/agentplane" }}
-  }}
-}}
-
-provider "agentplane" {{
-  region     = "{TEST_REGION}"
-  access_key = "{TEST_ACCESS_KEY_ID}"
-  secret_key = "{TEST_SECRET_ACCESS_KEY}"
-  endpoints {{
-    sqs = "{ep}"
-    kms = "{ep}"
-  }}
-  kubernetes {{
+        self.provider_config(&format!(
+            r#"  kubernetes {{
     host                   = "{kube_host}"
     token                  = "{token}"
     cluster_ca_certificate = file("{ca}")
   }}
-}}
 "#
-        )
+        ))
     }
 
     fn config(&self, k: &Knobs) {
         let server = env(self.stack, "AGENTPLANE_KUBE_SERVER");
-        let ns = &self.ns;
+        let ns = self.ns();
         let key2 = if k.second_key {
             format!("  public_key {{\n    id  = \"k2\"\n    key = \"{KEY2}\"\n  }}\n")
         } else {
@@ -1197,105 +1162,17 @@ output "object_count" {{ value = length(agentplane_platform.p.objects) }}
         );
         std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
     }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_client(
-            self.client,
-            self.protocol,
-            self.stack,
-            self.dir.path(),
-            args,
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{} {args:?} failed ({}):\n{stdout}\n{}",
-            self.client,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    }
-
-    fn plan(&self) -> (i32, String) {
-        let out = self.run(&["plan", "-no-color", "-input=false", "-detailed-exitcode"]);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let code = out.status.code().unwrap_or(-1);
-        assert!(
-            code == 0 || code == 2,
-            "plan failed ({code}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (code, stdout)
-    }
-
-    fn assert_empty_plan(&self, after: &str) {
-        let (code, out) = self.plan();
-        assert_eq!(code, 0, "plan after {after} is not empty:\n{out}");
-    }
-
-    fn apply(&self) -> String {
-        self.ok(&["apply", "-no-color", "-input=false", "-auto-approve"])
-    }
-
-    fn output(&self, name: &str) -> String {
-        self.ok(&["output", "-raw", name])
-    }
-}
-
-/// The provider, installed as users install it: an unpacked filesystem mirror (see e2e.rs).
-fn write_mirror(dir: &Path) {
-    let version = env!("CARGO_PKG_VERSION");
-    let mirror = dir.join("mirror");
-    let pkg = mirror.join(format!(
-        "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
-    ));
-    std::fs::create_dir_all(&pkg).unwrap();
-    std::os::unix::fs::symlink(
-        BIN,
-        pkg.join(format!("terraform-provider-agentplane_v{version}")),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("cli.tfrc"),
-        format!(
-            "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
-            mirror.display()
-        ),
-    )
-    .unwrap();
-}
-
-fn run_client(client: &str, protocol: u32, stack: &Stack, dir: &Path, args: &[&str]) -> Output {
-    let mut cmd: Command = stack.command(client).unwrap();
-    cmd.current_dir(dir)
-        .args(args)
-        .env("TF_CLI_CONFIG_FILE", dir.join("cli.tfrc"))
-        .env("TF_IN_AUTOMATION", "1")
-        .env("CHECKPOINT_DISABLE", "1")
-        .env("TF_LOG_PROVIDER", "INFO")
-        .env("TF_LOG_PATH", dir.join("client.log"))
-        .env("HOME", dir);
-    if protocol == 5 {
-        cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
-    }
-    cmd.output()
-        .unwrap_or_else(|e| panic!("running {client} {args:?}: {e}"))
 }
 
 fn lifecycle(client: &'static str, protocol: u32) {
-    let ws = Workspace::new(client, protocol);
+    let ws = Workspace::new(client, protocol, "kube");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let kc = rt.block_on(async {
         let c = ws.stack.kube_client().await.unwrap();
         install_keda(&c).await;
         c
     });
-    let ns = ws.ns.clone();
+    let ns = ws.ns().to_owned();
     let mut k = Knobs {
         tag: "1.0.0",
         max_replicas: 10,
@@ -1578,7 +1455,7 @@ impl Workspace {
     /// A platform alone (no gateway, one operator replica) with `audit` as extra attribute lines.
     fn platform_only(&self, audit: &str) {
         let server = env(self.stack, "AGENTPLANE_KUBE_SERVER");
-        let ns = &self.ns;
+        let ns = self.ns();
         let tf = format!(
             r#"{provider}
 resource "agentplane_platform" "p" {{
@@ -1594,18 +1471,6 @@ resource "agentplane_platform" "p" {{
             provider = self.provider_block(&server),
         );
         std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
-    }
-
-    /// A plan that must fail; returns its output.
-    fn failing_plan(&self) -> String {
-        let out = self.run(&["plan", "-no-color", "-input=false"]);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!out.status.success(), "the plan should fail:\n{text}");
-        text
     }
 }
 
@@ -1628,10 +1493,10 @@ fn claim_of(sts: &Json) -> &Json {
 /// with the reason and the way out, and goes through once the StatefulSet is gone.
 #[test]
 fn tofu_operator_audit_switches_kind_and_guards_its_storage() {
-    let ws = Workspace::new("tofu", 6);
+    let ws = Workspace::new("tofu", 6, "audit");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let kc = rt.block_on(ws.stack.kube_client()).unwrap();
-    let ns = ws.ns.clone();
+    let ns = ws.ns().to_owned();
     let key = "arn:aws:kms:us-east-1:123456789012:key/audit";
     let audit = |size: &str| {
         format!(
@@ -1720,7 +1585,7 @@ fn tofu_operator_audit_switches_kind_and_guards_its_storage() {
 
     // A new size while the StatefulSet exists: refused at plan, nothing touched.
     ws.platform_only(&audit("2Gi"));
-    let text = ws.failing_plan();
+    let text = ws.fails(&["plan", "-no-color", "-input=false"]);
     assert!(
         text.contains("Audit storage cannot change in place")
             && text.contains("operator_audit_storage_size")
@@ -1781,34 +1646,19 @@ fn tofu_operator_audit_switches_kind_and_guards_its_storage() {
 /// A closed port in the provider's `kubernetes` block reaches the user as a diagnostic naming
 /// the resource and the endpoint.
 fn unreachable_through_the_client(client: &'static str, protocol: u32) {
-    let stack = stack();
-    let dir = tempfile::tempdir().unwrap();
-    write_mirror(dir.path());
+    let ws = Workspace::new(client, protocol, "closed");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let ws = Workspace {
-        client,
-        protocol,
-        dir,
-        stack,
-        ns: unique("closed"),
-    };
     let tf = format!(
         "{}\nresource \"agentplane_edge_device\" \"d\" {{\n  namespace = \"team-a\"\n  name = \"phone\"\n  owner = \"alice\"\n  public_key {{\n    id = \"k1\"\n    key = \"{KEY1}\"\n  }}\n}}\n",
         ws.provider_block(&format!("https://127.0.0.1:{port}"))
     );
-    std::fs::write(ws.dir.path().join("main.tf"), tf).unwrap();
-    ws.ok(&["init", "-no-color", "-input=false"]);
-    let out = ws.run(&["apply", "-no-color", "-input=false", "-auto-approve"]);
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    std::fs::write(ws.path().join("main.tf"), tf).unwrap();
+    ws.init();
+    let text = ws.fails(&["apply", "-no-color", "-input=false", "-auto-approve"]);
     assert!(
         text.contains("Cannot reach the Kubernetes API for agentplane_edge_device \"phone\""),
         "{text}"
@@ -1840,22 +1690,18 @@ fn terraform_unreachable_api_diagnostic() {
 /// platform is created, the second plan is empty, the outputs the edge installer needs are
 /// there, and destroy leaves nothing behind.
 fn example_local(client: &'static str, protocol: u32) {
-    let stack = stack();
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("agentplane-example-{client}."))
-        .tempdir()
-        .unwrap();
-    write_mirror(dir.path());
+    let ws = Workspace::new(client, protocol, "example");
+    let (stack, dir) = (ws.stack, ws.path());
     let example = agentplane_testsupport::repo_root().join("examples/terraform/local");
     for f in std::fs::read_dir(&example).unwrap() {
         let p = f.unwrap().path();
         if p.extension().is_some_and(|x| x == "tf") {
-            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
         }
     }
     let name = unique(&format!("ex-{client}"));
     std::fs::write(
-        dir.path().join("terraform.tfvars"),
+        dir.join("terraform.tfvars"),
         format!(
             "aws_endpoint = \"{}\"\nkubeconfig = \"{}\"\nname = \"{name}\"\n",
             stack.aws_endpoint(),
@@ -1869,13 +1715,6 @@ fn example_local(client: &'static str, protocol: u32) {
         install_keda(&c).await;
         c
     });
-    let ws = Workspace {
-        client,
-        protocol,
-        dir,
-        stack,
-        ns: name.clone(),
-    };
     ws.ok(&["init", "-no-color", "-input=false"]);
     let (code, plan) = ws.plan();
     assert_eq!(code, 2, "{plan}");

@@ -2,11 +2,13 @@
 //! [`super::v5`], which forwards to this implementation.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use tfplugin_protocol::tfplugin6 as pb;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::diag::Diagnostics;
 use super::plan;
@@ -36,7 +38,14 @@ pub struct Server<P: Provider> {
     resources: HashMap<&'static str, Managed<P::Data>>,
     data_sources: HashMap<&'static str, Data<P::Data>>,
     configured: RwLock<Option<Arc<P::Data>>>,
+    /// Cancelled by StopProvider (the client's Ctrl-C), by controller Shutdown and when the
+    /// client process dies. One-shot, like the stop context of Terraform's own SDKs: a stopped
+    /// provider is never asked to work again.
+    stop: CancellationToken,
 }
+
+/// Summary of the diagnostic every call cut short by StopProvider returns.
+pub const CANCELLED: &str = "Cancelled by the client";
 
 type Rpc<T> = Result<Response<T>, Status>;
 
@@ -69,6 +78,33 @@ impl<P: Provider> Server<P> {
             resources,
             data_sources,
             configured: RwLock::new(None),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// The token StopProvider cancels; the plugin server also cancels it on Shutdown and when
+    /// the client process is gone.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Runs a resource or data source call until it finishes or the client stops the provider,
+    /// whichever comes first. Dropping the call drops its in-flight HTTP requests.
+    async fn until_stopped<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, Diagnostics>>,
+    ) -> Result<T, Diagnostics> {
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => {
+                info!(%what, "call cancelled by StopProvider");
+                Err(Diagnostics::single(
+                    CANCELLED,
+                    format!("{what} was cancelled by the client (interrupt) before it finished."),
+                ))
+            }
+            r = call => r,
         }
     }
 
@@ -345,15 +381,16 @@ impl<P: Provider> pb::provider_server::Provider for Server<P> {
                 }));
             }
         };
-        let result = async {
-            let state = decode(req.current_state.as_ref(), &r.ty, "current state")?;
-            if state.is_null() {
-                return Ok(Value::Null);
-            }
-            let data = self.data()?;
-            Ok(r.imp.read(&data, &state).await?.unwrap_or(Value::Null))
-        }
-        .await;
+        let result = self
+            .until_stopped(&format!("Reading {}", req.type_name), async {
+                let state = decode(req.current_state.as_ref(), &r.ty, "current state")?;
+                if state.is_null() {
+                    return Ok(Value::Null);
+                }
+                let data = self.data()?;
+                Ok(r.imp.read(&data, &state).await?.unwrap_or(Value::Null))
+            })
+            .await;
         Ok(Response::new(match result {
             Ok(v) => {
                 if v.is_null() {
@@ -434,17 +471,20 @@ impl<P: Provider> pb::provider_server::Provider for Server<P> {
                 }));
             }
         };
-        let result = async {
-            let data = self.data()?;
-            if planned.is_null() {
-                r.imp.delete(&data, &prior).await.map(|()| Value::Null)
-            } else if prior.is_null() {
-                r.imp.create(&data, &planned).await
-            } else {
-                r.imp.update(&data, &prior, &planned).await
-            }
-        }
-        .await;
+        // A cancelled create may still have reached the API; what it made is then unknown to
+        // Terraform, as with the SDKs' stop context (see docs/architecture.md).
+        let result = self
+            .until_stopped(&format!("Applying {}", req.type_name), async {
+                let data = self.data()?;
+                if planned.is_null() {
+                    r.imp.delete(&data, &prior).await.map(|()| Value::Null)
+                } else if prior.is_null() {
+                    r.imp.create(&data, &planned).await
+                } else {
+                    r.imp.update(&data, &prior, &planned).await
+                }
+            })
+            .await;
         Ok(Response::new(match result {
             Ok(v) => pb::apply_resource_change::Response {
                 new_state: conv::encode(&v, &r.ty),
@@ -495,14 +535,15 @@ impl<P: Provider> pb::provider_server::Provider for Server<P> {
         req: Request<pb::read_data_source::Request>,
     ) -> Rpc<pb::read_data_source::Response> {
         let req = req.into_inner();
-        let result = async {
-            let ds = self.data_source(&req.type_name)?;
-            let cfg = decode(req.config.as_ref(), &ds.ty, "data source configuration")?;
-            let data = self.data()?;
-            let v = ds.imp.read(&data, &cfg).await?;
-            Ok::<_, Diagnostics>(conv::encode(&v, &ds.ty))
-        }
-        .await;
+        let result = self
+            .until_stopped(&format!("Reading data source {}", req.type_name), async {
+                let ds = self.data_source(&req.type_name)?;
+                let cfg = decode(req.config.as_ref(), &ds.ty, "data source configuration")?;
+                let data = self.data()?;
+                let v = ds.imp.read(&data, &cfg).await?;
+                Ok::<_, Diagnostics>(conv::encode(&v, &ds.ty))
+            })
+            .await;
         Ok(Response::new(match result {
             Ok(state) => pb::read_data_source::Response {
                 state,
@@ -519,8 +560,10 @@ impl<P: Provider> pb::provider_server::Provider for Server<P> {
         &self,
         _: Request<pb::stop_provider::Request>,
     ) -> Rpc<pb::stop_provider::Response> {
-        // In-flight AWS calls are bounded by their own timeouts and retry budgets; the process
-        // exits when go-plugin's controller Shutdown arrives.
+        // Ctrl-C: every in-flight call returns "cancelled" now instead of waiting out its
+        // timeouts; the process exits when go-plugin's controller Shutdown arrives.
+        info!("StopProvider: cancelling in-flight calls");
+        self.stop.cancel();
         Ok(Response::new(pb::stop_provider::Response {
             error: String::new(),
         }))

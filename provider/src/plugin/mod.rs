@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod handshake;
 pub mod log;
+pub mod parent;
 pub mod services;
 pub mod tls;
 
@@ -81,6 +82,13 @@ pub async fn serve<P: Provider>(provider: P, mode: Mode) -> Result<(), ServeErro
     let incoming = accept_loop(listener, mtls.as_ref().map(|m| m.config.clone()));
 
     let server = Arc::new(Server::new(provider));
+    // Shutdown, like StopProvider, cancels in-flight calls so they end well inside the grace.
+    let stop = server.stop_token();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        s.wait().await;
+        stop.cancel();
+    });
     let (v6, v5) = if proto == 6 {
         let s = tfplugin6::provider_server::ProviderServer::from_arc(server)
             .max_decoding_message_size(MAX_MESSAGE)
@@ -121,6 +129,12 @@ pub async fn serve<P: Provider>(provider: P, mode: Mode) -> Result<(), ServeErro
                 .and_then(|()| out.flush())
                 .map_err(ServeError::Stdout)?;
             tokio::spawn(ignore_interrupts(shutdown.clone()));
+            // A client that dies (even by SIGKILL) never sends Shutdown: stop on our own.
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                parent::gone().await;
+                s.trigger();
+            });
         }
         Mode::Debug => {
             print_reattach(addr);

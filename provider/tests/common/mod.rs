@@ -1,32 +1,96 @@
-//! A Terraform/OpenTofu working directory driving the built provider against moto from the
-//! shared real-peer stack, shared by the end-to-end test files (`e2e.rs`, `drift.rs`).
+//! Shared by the tests that drive the provider through the real clients (OpenTofu and
+//! Terraform 1.5.7), in two layers:
 //!
-//! The provider is installed the way users install it: an unpacked filesystem mirror holding
-//! the built binary (symlinked). dev_overrides would skip `init`, which Terraform 1.5.7 refuses
-//! to run under overrides ("Skip terraform init when using provider development overrides").
+//! - building blocks for any client run: the provider installed into a directory the way users
+//!   install it ([`install_provider`]), the environment every client run gets ([`client_env`])
+//!   and the `terraform` block requiring the provider ([`required_providers`]). `hangs.rs` uses
+//!   only these: its endpoints are silent listeners, not the real-peer stack.
+//! - [`Workspace`]: a working directory on those blocks whose provider talks to moto (and, through
+//!   extra provider settings, to kube-apiserver) from the shared real-peer stack, with a per-test
+//!   prefix for every name it creates (`e2e.rs`, `drift.rs`, `eks_resources.rs`,
+//!   `kube_resources.rs`).
+//!
+//! The provider is installed as an unpacked filesystem mirror holding the built binary
+//! (symlinked). dev_overrides would skip `init`, which Terraform 1.5.7 refuses to run under
+//! overrides ("Skip terraform init when using provider development overrides").
 
 // Each test binary compiles its own copy of this module and uses a different subset of it.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Output;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use agentplane_testsupport::{Stack, TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY};
 
-const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
+/// The provider binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_terraform-provider-agentplane");
+
+/// The source address the test configurations require.
+pub const SOURCE: &str = "registry.terraform.io/agentplane/agentplane";
+
+/// Installs the built provider into `dir` as an unpacked filesystem mirror (the binary,
+/// symlinked) and writes `dir/cli.tfrc` pointing the client at it.
+pub fn install_provider(dir: &Path) {
+    let version = env!("CARGO_PKG_VERSION");
+    let mirror = dir.join("mirror");
+    let pkg = mirror.join(format!("{SOURCE}/{version}/linux_amd64"));
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::os::unix::fs::symlink(
+        BIN,
+        pkg.join(format!("terraform-provider-agentplane_v{version}")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cli.tfrc"),
+        format!(
+            "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"{SOURCE}\"]\n  }}\n}}\n",
+            mirror.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// The environment of one client run in workspace `dir`: the mirror's CLI config, no
+/// checkpoint calls, the provider's log in `dir/client.log`, and `protocol` 5 or 6.
+pub fn client_env(cmd: &mut Command, dir: &Path, protocol: u32) {
+    cmd.current_dir(dir)
+        .env("TF_CLI_CONFIG_FILE", dir.join("cli.tfrc"))
+        .env("TF_IN_AUTOMATION", "1")
+        .env("CHECKPOINT_DISABLE", "1")
+        .env("TF_LOG_PROVIDER", "INFO")
+        .env("TF_LOG_PATH", dir.join("client.log"))
+        .env("HOME", dir);
+    if protocol == 5 {
+        cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
+    }
+}
+
+/// The `terraform` block every test configuration starts with: the provider from the mirror.
+pub fn required_providers() -> String {
+    format!(
+        r#"terraform {{
+  required_providers {{
+    agentplane = {{ source = "{SOURCE}" }}
+  }}
+}}
+"#
+    )
+}
 
 pub struct Workspace {
     pub client: &'static str,
     pub protocol: u32,
     pub dir: tempfile::TempDir,
     pub stack: &'static Stack,
-    /// Unique per client, protocol and test process: every AWS name a test creates starts with it.
+    /// Unique per test tag, client, protocol and test process: every AWS name (and Kubernetes
+    /// namespace) a test creates starts with it.
     pub prefix: String,
 }
 
 impl Workspace {
     /// A workspace for `client` (`tofu` or `terraform`) speaking plugin `protocol` (5 or 6);
-    /// `tag` tells apart workspaces of different tests in one process.
+    /// `tag` tells apart workspaces of different tests in one process. The prefix is a valid
+    /// Kubernetes namespace name as long as `tag` is lowercase.
     pub fn new(client: &'static str, protocol: u32, tag: &str) -> Workspace {
         let stack = Stack::shared().unwrap_or_else(|e| panic!("real-peer stack unavailable: {e}"));
         agentplane_testsupport::peer_path(client).unwrap_or_else(|e| panic!("{client}: {e}"));
@@ -34,25 +98,7 @@ impl Workspace {
             .prefix(&format!("agentplane-{tag}-{client}-{protocol}."))
             .tempdir()
             .unwrap();
-        let version = env!("CARGO_PKG_VERSION");
-        let mirror = dir.path().join("mirror");
-        let pkg = mirror.join(format!(
-            "registry.terraform.io/agentplane/agentplane/{version}/linux_amd64"
-        ));
-        std::fs::create_dir_all(&pkg).unwrap();
-        std::os::unix::fs::symlink(
-            BIN,
-            pkg.join(format!("terraform-provider-agentplane_v{version}")),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("cli.tfrc"),
-            format!(
-                "provider_installation {{\n  filesystem_mirror {{\n    path    = \"{}\"\n    include = [\"registry.terraform.io/agentplane/agentplane\"]\n  }}\n}}\n",
-                mirror.display()
-            ),
-        )
-        .unwrap();
+        install_provider(dir.path());
         let prefix = format!("{tag}-{client}-p{protocol}-{}", std::process::id());
         Workspace {
             client,
@@ -67,16 +113,13 @@ impl Workspace {
         self.dir.path().to_path_buf()
     }
 
-    /// Writes main.tf: the provider with every AWS service pointed at moto, followed by `body`.
-    pub fn write_config(&self, body: &str) {
+    /// The `terraform` block and the provider block with every AWS service pointed at moto;
+    /// `settings` (whole lines, e.g. timeouts or a `kubernetes` block) are spliced into the
+    /// provider block.
+    pub fn provider_config(&self, settings: &str) -> String {
         let ep = self.stack.aws_endpoint();
-        let tf = format!(
-            r#"terraform {{
-  required_providers {{
-    agentplane = {{ source = "registry.terraform.io/agentplane/agentplane" }}
-  }}
-}}
-
+        format!(
+            r#"{terraform}
 provider "agentplane" {{
   region     = "{TEST_REGION}"
   access_key = "{TEST_ACCESS_KEY_ID}"
@@ -86,27 +129,28 @@ provider "agentplane" {{
     kms = "{ep}"
     eks = "{ep}"
   }}
-}}
+{settings}}}
+"#,
+            terraform = required_providers(),
+        )
+    }
 
-{body}"#
-        );
+    /// Writes main.tf: the provider block of [`Self::provider_config`] with `settings`, then `body`.
+    pub fn write_config_with(&self, settings: &str, body: &str) {
+        let tf = format!("{}\n{body}", self.provider_config(settings));
         std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
+    }
+
+    /// Writes main.tf: the provider with every AWS service pointed at moto, followed by `body`.
+    pub fn write_config(&self, body: &str) {
+        self.write_config_with("", body);
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
         let mut cmd = self.stack.command(self.client).unwrap();
-        cmd.current_dir(self.dir.path())
-            .args(args)
-            .env("TF_CLI_CONFIG_FILE", self.dir.path().join("cli.tfrc"))
-            .env("TF_IN_AUTOMATION", "1")
-            .env("CHECKPOINT_DISABLE", "1")
-            .env("TF_LOG_PROVIDER", "INFO")
-            .env("TF_LOG_PATH", self.dir.path().join("client.log"))
-            .env("HOME", self.dir.path());
-        if self.protocol == 5 {
-            cmd.env("AGENTPLANE_PLUGIN_PROTOCOL", "5");
-        }
-        cmd.output()
+        client_env(&mut cmd, self.dir.path(), self.protocol);
+        cmd.args(args)
+            .output()
             .unwrap_or_else(|e| panic!("running {} {args:?}: {e}", self.client))
     }
 
