@@ -195,7 +195,7 @@ async fn hammer(base: String, stop: Arc<AtomicBool>, target: usize) -> Vec<Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once_in_order() {
+async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once() {
     let bin = require_agentplane();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -260,7 +260,7 @@ async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once_in_or
     );
     let n = stored.len();
 
-    // Gateway back (same data, same port): everything is delivered, each once, in seq order.
+    // Gateway back (same data, same port): everything is delivered, each once.
     let gw = start_dev(&bin, &gw_dir, &listen, "tok-kill");
     wait_for("all delivered and finished", 180, || {
         let outbox = outbox.clone();
@@ -273,8 +273,8 @@ async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once_in_or
             .iter()
             .all(|e| e.phase.as_deref() == Some("Succeeded"))
     );
-    // The gateway refuses any seq not above the last one it took, so "no rejection" means it received
-    // them in seq order; its metrics count one acceptance per intent.
+    // The gateway refuses a seq already taken or below its replay window, so "no rejection" means the
+    // sender kept its window inside the gateway's; its metrics count one acceptance per intent.
     assert_eq!(outbox.counts().await.unwrap().rejected, 0);
     let metrics = reqwest::get(format!("{}/metrics", gw.addr))
         .await
