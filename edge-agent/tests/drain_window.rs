@@ -7,35 +7,14 @@ mod common;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use agentplane_edge::agent::{one_shot_capturer, open_outbox};
 use agentplane_edge::capture::{IntentRequest, LocalPolicy};
 use agentplane_edge::config::Paths;
 use agentplane_edge::outbox::Outbox;
-use common::{edge_cli, free_port, random_u64, require_agentplane, start_dev, start_edge};
+use common::{enroll, free_port, random_u64, require_agentplane, start_dev, start_edge, wait_for};
 
 const TOTAL: u64 = 2_000;
-
-fn enroll(data: &Path, gateway: &str, token: &str, device: &str) {
-    let out = edge_cli(
-        data,
-        &[
-            "enroll",
-            "--gateway",
-            gateway,
-            "--token",
-            token,
-            "--device-id",
-            device,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Captures `n` intents straight into the outbox (the agent is not running), 32 at a time.
 async fn capture_offline(data: &Path, n: u64) -> Outbox {
@@ -63,18 +42,10 @@ async fn capture_offline(data: &Path, n: u64) -> Outbox {
 }
 
 async fn wait_pending_below(outbox: &Outbox, below: u64, secs: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let c = outbox.counts().await.unwrap();
-        if c.pending < below {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "drain stalled: {c:?} (waiting for pending < {below})"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(&format!("pending < {below}"), secs, || async {
+        outbox.counts().await.unwrap().pending < below
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,12 +70,12 @@ async fn a_2000_intent_backlog_drains_with_a_window_exactly_once_through_sigkill
         TOTAL / 2 - random_u64() % 400,
     ] {
         let agent = start_edge(&data, &["--backoff-max-ms", "500"]);
-        wait_pending_below(&outbox, below, 240).await;
+        wait_pending_below(&outbox, below, 600).await;
         agent.sigkill();
         eprintln!("SIGKILL with {:?}", outbox.counts().await.unwrap());
     }
     let agent = start_edge(&data, &["--backoff-max-ms", "500"]);
-    wait_pending_below(&outbox, 1, 240).await;
+    wait_pending_below(&outbox, 1, 600).await;
     agent.terminate();
     let counts = outbox.counts().await.unwrap();
     assert_eq!(counts.rejected, 0, "nothing refused: {counts:?}");

@@ -15,47 +15,11 @@ use agentplane_edge::capture::sign;
 use agentplane_edge::gateway::GatewayClient;
 use agentplane_edge::identity::{DeviceSigner as _, SoftKey};
 use agentplane_edge::outbox::{EntryState, Outbox, OutboxConfig};
-use common::{edge_cli, free_port, random_u64, require_agentplane, start_dev, start_edge};
+use common::{
+    edge_cli, enroll, free_port, random_u64, require_agentplane, start_dev, start_edge, wait_for,
+};
 use reqwest_edge as reqwest;
 use serde_json::{Value, json};
-
-fn enroll(data: &Path, gateway: &str, token: &str, device: &str) -> String {
-    let out = edge_cli(
-        data,
-        &[
-            "enroll",
-            "--gateway",
-            gateway,
-            "--token",
-            token,
-            "--device-id",
-            device,
-            "--owner",
-            "alice",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-async fn wait_for<F, Fut>(what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_submit_from_the_ui_api_and_see_the_result() {

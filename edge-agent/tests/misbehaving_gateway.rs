@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane_api::wire::{SubmitResponse, TaskView};
-use agentplane_api::{Envelope, TaskPhase};
+use agentplane_api::{Envelope, IntentPayload, TaskPhase};
 use agentplane_edge::backoff::Backoff;
 use agentplane_edge::capture::{Capturer, IntentRequest, LocalPolicy};
 use agentplane_edge::gateway::GatewayClient;
@@ -44,20 +44,24 @@ async fn submit(State(gw): State<Gw>, body: Bytes) -> Response {
         Mode::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
         Mode::Garbage => (StatusCode::OK, "<html>definitely not json").into_response(),
         Mode::Accept => {
-            let env = Envelope::parse(&body).unwrap();
-            let p = env.peek_intent().unwrap();
-            gw.accepted_seqs.lock().unwrap().push(p.seq);
-            (
-                StatusCode::ACCEPTED,
-                Json(SubmitResponse {
-                    task_id: p.task_id,
-                    phase: TaskPhase::Pending,
-                    duplicate: false,
-                }),
-            )
-                .into_response()
+            let p = Envelope::parse(&body).unwrap().peek_intent().unwrap();
+            accept(&gw.accepted_seqs, p)
         }
     }
+}
+
+/// The gateway's 202 for a new task, recording its seq.
+fn accept(accepted_seqs: &Mutex<Vec<u64>>, p: IntentPayload) -> Response {
+    accepted_seqs.lock().unwrap().push(p.seq);
+    (
+        StatusCode::ACCEPTED,
+        Json(SubmitResponse {
+            task_id: p.task_id,
+            phase: TaskPhase::Pending,
+            duplicate: false,
+        }),
+    )
+        .into_response()
 }
 
 async fn task(Path(id): Path<String>) -> Json<TaskView> {
@@ -75,6 +79,49 @@ async fn task(Path(id): Path<String>) -> Json<TaskView> {
     })
 }
 
+/// Serves `app` on a free loopback port; returns the base URL.
+async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A sender for device kiosk-1 over a fresh outbox holding `n` captured intents (seqs 1..=n).
+async fn sender_with_backlog(
+    dir: &std::path::Path,
+    gateway: &str,
+    n: u64,
+    cfg: SenderConfig,
+) -> Sender {
+    let outbox = Outbox::open(OutboxConfig::new(dir.join("o.db"))).unwrap();
+    let signer = Arc::new(SoftKey::generate().unwrap());
+    let capturer = Capturer {
+        outbox: outbox.clone(),
+        signer: signer.clone(),
+        device_id: "kiosk-1".into(),
+        default_user: "alice".into(),
+        policy: LocalPolicy::default(),
+    };
+    for i in 0..n {
+        let req: IntentRequest = serde_json::from_value(
+            serde_json::json!({"type": "summarize", "prompt": format!("p{i}")}),
+        )
+        .unwrap();
+        capturer.capture(req).await.unwrap();
+    }
+    Sender {
+        outbox,
+        client: GatewayClient::new(gateway).unwrap(),
+        signer,
+        device_id: "kiosk-1".into(),
+        cfg,
+        link: Arc::new(Link::default()),
+        wake: Arc::new(tokio::sync::Notify::new()),
+        accepted: Arc::new(tokio::sync::Notify::new()),
+    }
+}
+
 #[tokio::test]
 async fn backs_off_on_5xx_and_garbage_then_delivers_each_once() {
     let gw = Gw {
@@ -86,47 +133,20 @@ async fn backs_off_on_5xx_and_garbage_then_delivers_each_once() {
         .route("/v1/intents", post(submit))
         .route("/v1/tasks/{id}", get(task))
         .with_state(gw.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
+    let base = serve(app).await;
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).unwrap();
-    let signer = Arc::new(SoftKey::generate().unwrap());
-    let capturer = Capturer {
-        outbox: outbox.clone(),
-        signer: signer.clone(),
-        device_id: "kiosk-1".into(),
-        default_user: "alice".into(),
+    let cfg = SenderConfig {
+        max_in_flight: 1,
+        backoff: Backoff {
+            base: Duration::from_millis(50),
+            max: Duration::from_millis(400),
+        },
+        idle_poll: Duration::from_millis(100),
+        poll_interval: Duration::from_millis(50),
         policy: LocalPolicy::default(),
     };
-    for i in 0..5 {
-        let req: IntentRequest = serde_json::from_value(
-            serde_json::json!({"type": "summarize", "prompt": format!("p{i}")}),
-        )
-        .unwrap();
-        capturer.capture(req).await.unwrap();
-    }
-    let link = Arc::new(Link::default());
-    let sender = Sender {
-        outbox: outbox.clone(),
-        client: GatewayClient::new(&format!("http://{addr}")).unwrap(),
-        signer,
-        device_id: "kiosk-1".into(),
-        cfg: SenderConfig {
-            max_in_flight: 1,
-            backoff: Backoff {
-                base: Duration::from_millis(50),
-                max: Duration::from_millis(400),
-            },
-            idle_poll: Duration::from_millis(100),
-            poll_interval: Duration::from_millis(50),
-            policy: LocalPolicy::default(),
-        },
-        link: link.clone(),
-        wake: Arc::new(tokio::sync::Notify::new()),
-        accepted: Arc::new(tokio::sync::Notify::new()),
-    };
+    let sender = sender_with_backlog(dir.path(), &base, 5, cfg).await;
+    let (outbox, link) = (sender.outbox.clone(), sender.link.clone());
     let tracker = sender.clone();
     let submit_loop = tokio::spawn(sender.run_submit_loop());
     let track_loop = tokio::spawn(tracker.run_track_loop());
@@ -218,16 +238,7 @@ async fn picky_submit(State(gw): State<Picky>, body: Bytes) -> Response {
     if p.seq == 5 && gw.seq5_failures.fetch_add(1, Ordering::SeqCst) < 2 {
         return (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response();
     }
-    gw.accepted_seqs.lock().unwrap().push(p.seq);
-    (
-        StatusCode::ACCEPTED,
-        Json(SubmitResponse {
-            task_id: p.task_id,
-            phase: TaskPhase::Pending,
-            duplicate: false,
-        }),
-    )
-        .into_response()
+    accept(&gw.accepted_seqs, p)
 }
 
 #[tokio::test]
@@ -237,46 +248,20 @@ async fn a_window_of_submissions_where_one_refusal_blocks_nothing() {
         .route("/v1/intents", post(picky_submit))
         .route("/v1/tasks/{id}", get(task))
         .with_state(gw.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
+    let base = serve(app).await;
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).unwrap();
-    let signer = Arc::new(SoftKey::generate().unwrap());
-    let capturer = Capturer {
-        outbox: outbox.clone(),
-        signer: signer.clone(),
-        device_id: "kiosk-1".into(),
-        default_user: "alice".into(),
-        policy: LocalPolicy::default(),
-    };
     const N: u64 = 40;
-    for i in 0..N {
-        let req: IntentRequest = serde_json::from_value(
-            serde_json::json!({"type": "summarize", "prompt": format!("p{i}")}),
-        )
-        .unwrap();
-        capturer.capture(req).await.unwrap();
-    }
-    let sender = Sender {
-        outbox: outbox.clone(),
-        client: GatewayClient::new(&format!("http://{addr}")).unwrap(),
-        signer,
-        device_id: "kiosk-1".into(),
-        cfg: SenderConfig {
-            max_in_flight: 8,
-            backoff: Backoff {
-                base: Duration::from_millis(20),
-                max: Duration::from_millis(100),
-            },
-            idle_poll: Duration::from_millis(100),
-            ..SenderConfig::default()
+    let cfg = SenderConfig {
+        max_in_flight: 8,
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(100),
         },
-        link: Arc::new(Link::default()),
-        wake: Arc::new(tokio::sync::Notify::new()),
-        accepted: Arc::new(tokio::sync::Notify::new()),
+        idle_poll: Duration::from_millis(100),
+        ..SenderConfig::default()
     };
+    let sender = sender_with_backlog(dir.path(), &base, N, cfg).await;
+    let outbox = sender.outbox.clone();
     let submit_loop = tokio::spawn(sender.run_submit_loop());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
