@@ -77,7 +77,18 @@ pub struct EdgeDeviceStatus {
     /// Highest intent sequence number admitted from this device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seq: Option<u64>,
+    /// Which of the 64 sequence numbers ending at `lastSeq` (`SEQ_WINDOW`) were admitted: 16 hex
+    /// digits of a 64-bit map, bit `i` standing for `lastSeq - i` (the anti-replay window of IPsec and
+    /// DTLS). Absent on a device that has `lastSeq` means every seq up to `lastSeq` counts as taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{16}$"))]
+    pub seq_window: Option<String>,
 }
+
+/// How far below a device's `lastSeq` a new intent may still arrive: a device may have this many
+/// submissions in flight, so they can reach the gateway out of order. Anything at or below
+/// `lastSeq - SEQ_WINDOW` is refused as a replay.
+pub const SEQ_WINDOW: u64 = 64;
 
 impl EdgeDeviceSpec {
     /// The device's keys in the form envelope verification takes. A malformed registered key is an

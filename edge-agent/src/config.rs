@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use agentplane_api::device::SEQ_WINDOW;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::write_private_file;
@@ -22,6 +23,10 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "maxInFlight {0} is out of range: it must be 1 to {SEQ_WINDOW} (the gateway's replay window)"
+    )]
+    MaxInFlight(u64),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -84,6 +89,9 @@ pub struct AgentState {
     /// Key ids the gateway has registered for this device, newest last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enrolled_keys: Vec<String>,
+    /// Submissions in flight at once (`run --max-in-flight` and its environment variable override it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u64>,
 }
 
 impl AgentState {
@@ -108,6 +116,15 @@ impl AgentState {
             path: path.into(),
             source,
         })
+    }
+
+    /// `maxInFlight`, checked: 1 up to the gateway's replay window.
+    pub fn max_in_flight(&self) -> Result<Option<usize>, ConfigError> {
+        match self.max_in_flight {
+            None => Ok(None),
+            Some(n) if (1..=SEQ_WINDOW).contains(&n) => Ok(Some(n as usize)),
+            Some(n) => Err(ConfigError::MaxInFlight(n)),
+        }
     }
 
     pub fn is_enrolled_with(&self, key_id: &str) -> bool {
@@ -148,6 +165,23 @@ mod tests {
             AgentState::load(&p),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn max_in_flight_from_the_file_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.json");
+        std::fs::write(&p, br#"{"deviceId": "kiosk-1", "maxInFlight": 8}"#).unwrap();
+        assert_eq!(
+            AgentState::load(&p).unwrap().max_in_flight().unwrap(),
+            Some(8)
+        );
+        for bad in [0, SEQ_WINDOW + 1] {
+            std::fs::write(&p, format!(r#"{{"maxInFlight": {bad}}}"#)).unwrap();
+            let err = AgentState::load(&p).unwrap().max_in_flight().unwrap_err();
+            assert!(err.to_string().contains("1 to 64"), "{err}");
+        }
+        assert_eq!(AgentState::default().max_in_flight().unwrap(), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agentplane_api::PrivacyLevel;
+use agentplane_api::device::SEQ_WINDOW;
 use agentplane_edge::agent::{self, RunError, RunOptions, open_outbox};
 use agentplane_edge::backoff::Backoff;
 use agentplane_edge::capture::{CaptureError, IntentRequest, LocalPolicy};
@@ -15,7 +16,7 @@ use agentplane_edge::enroll::{self, EnrollError, EnrollOptions};
 use agentplane_edge::identity::{FileKeySource, KeySource as _};
 use agentplane_edge::install::{self, InstallOptions};
 use agentplane_edge::outbox::{Entry, EntryState, OutboxError};
-use agentplane_edge::sender::SenderConfig;
+use agentplane_edge::sender::{DEFAULT_MAX_IN_FLIGHT, SenderConfig};
 use agentplane_edge::telemetry;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -167,9 +168,11 @@ struct RunArgs {
     /// Finished tasks kept for display.
     #[arg(long, default_value_t = 10_000)]
     keep_finished: u64,
-    /// Submissions in flight at once (1 keeps strict per-device sequence order on the wire).
-    #[arg(long, env = "AGENTPLANE_EDGE_MAX_IN_FLIGHT", default_value_t = 1)]
-    max_in_flight: usize,
+    /// Submissions in flight at once, sent in seq order (1 to 64, the gateway's replay window; 1
+    /// keeps arrival order equal to seq order). [default: `maxInFlight` in <data-dir>/agent.json,
+    /// else 32]
+    #[arg(long, env = "AGENTPLANE_EDGE_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u64).range(1..=SEQ_WINDOW))]
+    max_in_flight: Option<u64>,
     /// Let `private` intents leave the device (the default policy keeps them local).
     #[arg(long, env = "AGENTPLANE_EDGE_ALLOW_PRIVATE_UPLOAD")]
     allow_private_upload: bool,
@@ -287,6 +290,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     );
     match cli.command {
         Command::Run(args) => {
+            // Flag or environment, else the state file, else the default.
+            let max_in_flight = match args.max_in_flight {
+                Some(n) => n as usize,
+                None => AgentState::load(&paths.state_file)?
+                    .max_in_flight()
+                    .with_context(|| format!("in {}", paths.state_file.display()))?
+                    .unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            };
             let opts = RunOptions {
                 paths,
                 listen: args.listen,
@@ -297,7 +308,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 keep_finished: args.keep_finished,
                 reset_outbox: args.reset_outbox,
                 sender: SenderConfig {
-                    max_in_flight: args.max_in_flight.clamp(1, 64),
+                    max_in_flight,
                     backoff: Backoff {
                         base: Duration::from_millis(args.backoff_base_ms.max(1)),
                         max: Duration::from_millis(

@@ -315,6 +315,24 @@ impl Outbox {
         .await
     }
 
+    /// Pending entries above `seq`, in sequence order (the sender reads on from where it stopped).
+    pub async fn pending_after(&self, seq: u64, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        self.call(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT * FROM outbox WHERE state = 'pending' AND seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(OutboxError::Sqlite)?;
+            let rows = stmt
+                .query_map(params![seq, limit as i64], row_to_entry)
+                .map_err(OutboxError::Sqlite)?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(OutboxError::Sqlite)
+        })
+        .await
+    }
+
     /// Entries accepted by the gateway whose task has not finished, least recently polled first (so a
     /// task stuck awaiting approval never starves the others).
     pub async fn in_progress(&self, limit: usize) -> Result<Vec<Entry>, OutboxError> {
@@ -895,6 +913,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(add(&o, "d").await.unwrap().0, 4);
+    }
+
+    #[tokio::test]
+    async fn pending_after_reads_on_from_a_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).unwrap();
+        for id in ["a", "b", "c", "d"] {
+            add(&o, id).await.unwrap();
+        }
+        o.mark_sent("c", "Pending").await.unwrap();
+        let seqs = |v: Vec<Entry>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(o.pending_after(0, 2).await.unwrap()), vec![1, 2]);
+        assert_eq!(seqs(o.pending_after(2, 10).await.unwrap()), vec![4]);
+        assert!(o.pending_after(4, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

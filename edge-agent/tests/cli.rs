@@ -161,3 +161,24 @@ fn refuses_a_non_loopback_listener() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("non-loopback"));
 }
+
+#[test]
+fn an_out_of_range_max_in_flight_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("edge");
+    for bad in ["0", "65"] {
+        let out = edge_cli(&data, &["run", "--max-in-flight", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("1..=64"), "{err}");
+    }
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("agent.json"), br#"{"maxInFlight": 100}"#).unwrap();
+    let out = edge_cli(&data, &["run", "--listen", "127.0.0.1:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("agent.json") && err.contains("maxInFlight 100 is out of range"),
+        "{err}"
+    );
+}

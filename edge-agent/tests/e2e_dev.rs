@@ -15,47 +15,11 @@ use agentplane_edge::capture::sign;
 use agentplane_edge::gateway::GatewayClient;
 use agentplane_edge::identity::{DeviceSigner as _, SoftKey};
 use agentplane_edge::outbox::{EntryState, Outbox, OutboxConfig};
-use common::{edge_cli, free_port, random_u64, require_agentplane, start_dev, start_edge};
+use common::{
+    edge_cli, enroll, free_port, random_u64, require_agentplane, start_dev, start_edge, wait_for,
+};
 use reqwest_edge as reqwest;
 use serde_json::{Value, json};
-
-fn enroll(data: &Path, gateway: &str, token: &str, device: &str) -> String {
-    let out = edge_cli(
-        data,
-        &[
-            "enroll",
-            "--gateway",
-            gateway,
-            "--token",
-            token,
-            "--device-id",
-            device,
-            "--owner",
-            "alice",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-async fn wait_for<F, Fut>(what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_submit_from_the_ui_api_and_see_the_result() {
@@ -195,7 +159,7 @@ async fn hammer(base: String, stop: Arc<AtomicBool>, target: usize) -> Vec<Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once_in_order() {
+async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once() {
     let bin = require_agentplane();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -260,7 +224,7 @@ async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once_in_or
     );
     let n = stored.len();
 
-    // Gateway back (same data, same port): everything is delivered, each once, in seq order.
+    // Gateway back (same data, same port): everything is delivered, each once.
     let gw = start_dev(&bin, &gw_dir, &listen, "tok-kill");
     wait_for("all delivered and finished", 180, || {
         let outbox = outbox.clone();
@@ -273,8 +237,8 @@ async fn offline_500_intents_survive_three_sigkills_and_are_delivered_once_in_or
             .iter()
             .all(|e| e.phase.as_deref() == Some("Succeeded"))
     );
-    // The gateway refuses any seq not above the last one it took, so "no rejection" means it received
-    // them in seq order; its metrics count one acceptance per intent.
+    // The gateway refuses a seq already taken or below its replay window, so "no rejection" means the
+    // sender kept its window inside the gateway's; its metrics count one acceptance per intent.
     assert_eq!(outbox.counts().await.unwrap().rejected, 0);
     let metrics = reqwest::get(format!("{}/metrics", gw.addr))
         .await

@@ -282,30 +282,31 @@ async fn refused_envelopes_create_and_queue_nothing() {
     )
     .await;
 
-    // Replayed sequence: seq 5 accepted, then a new task with seq 5 and one with seq 3.
+    // Replayed sequence: seq 70 accepted, then a new task with seq 70 (taken) and one with seq 6 (at
+    // lastSeq - 64, below the replay window).
     let ok = h
         .client
-        .submit(&d.sign(&d.intent(5, "summarize", "x")).unwrap())
+        .submit(&d.sign(&d.intent(70, "summarize", "x")).unwrap())
         .await
         .unwrap();
     wait_terminal(&h, &d, &ok.task_id).await;
     refused(
         &h,
-        &d.sign(&d.intent(5, "summarize", "again")).unwrap(),
+        &d.sign(&d.intent(70, "summarize", "again")).unwrap(),
         409,
         "replayed_seq",
     )
     .await;
     refused(
         &h,
-        &d.sign(&d.intent(3, "summarize", "older")).unwrap(),
+        &d.sign(&d.intent(6, "summarize", "older")).unwrap(),
         409,
         "replayed_seq",
     )
     .await;
 
     // Same task id, different content.
-    let mut reuse = d.intent(6, "summarize", "different");
+    let mut reuse = d.intent(71, "summarize", "different");
     reuse.task_id = ok.task_id.clone();
     let (status, body) = api_error(h.client.submit(&d.sign(&reuse).unwrap()).await);
     assert_eq!(

@@ -168,3 +168,43 @@ pub fn random_u64() -> u64 {
     getrandom::fill(&mut b).unwrap();
     u64::from_le_bytes(b)
 }
+
+/// `agentplane-edge enroll` as device `device`, owner alice; returns its output.
+pub fn enroll(data: &Path, gateway: &str, token: &str, device: &str) -> String {
+    let out = edge_cli(
+        data,
+        &[
+            "enroll",
+            "--gateway",
+            gateway,
+            "--token",
+            token,
+            "--device-id",
+            device,
+            "--owner",
+            "alice",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Polls `check` every 100 ms until it holds; fails after `secs`.
+pub async fn wait_for<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use agentplane_api::device::{EdgeDeviceSpec, KeyAlgorithm};
+use agentplane_api::device::{EdgeDeviceSpec, KeyAlgorithm, SEQ_WINDOW};
 use agentplane_api::envelope::parse_public_key;
 use agentplane_api::intent::check_dns_label;
 use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision};
@@ -27,6 +27,7 @@ use super::auth::{Principal, authenticate};
 use super::error::ApiError;
 use super::events::Update;
 use crate::policy;
+use crate::store::seq_window::SeqRefusal;
 use crate::store::{
     Admission, EnrollOutcome, Enrollment, NewTask, StoreError, TaskRecord, hash_secret,
     write_status,
@@ -210,13 +211,23 @@ async fn submit(
                 payload.task_id
             ),
         )),
-        Admission::SeqReplay { last_seq } => Err(ApiError::conflict(
+        Admission::SeqReplay(refusal) => Err(ApiError::conflict(
             "replayed_seq",
-            format!(
-                "seq {} is not above the device's last accepted seq {last_seq}; send the outbox in seq order",
-                payload.seq
-            ),
+            replayed_seq_message(payload.seq, refusal),
         )),
+    }
+}
+
+/// Why a new task id's seq was refused, and what the device can do about it.
+fn replayed_seq_message(seq: u64, refusal: SeqRefusal) -> String {
+    match refusal {
+        SeqRefusal::Taken { last_seq } => format!(
+            "seq {seq} is already used by another task of this device (its last accepted seq is {last_seq}); a device never signs two intents with one seq"
+        ),
+        SeqRefusal::BelowWindow { last_seq } => format!(
+            "seq {seq} is at or below {} (the device's last accepted seq {last_seq} minus the replay window of {SEQ_WINDOW}); keep at most {SEQ_WINDOW} submissions in flight, in seq order",
+            last_seq.saturating_sub(SEQ_WINDOW)
+        ),
     }
 }
 

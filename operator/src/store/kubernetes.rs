@@ -5,8 +5,9 @@
 //!   write based on a stale read (409 -> [`StoreError::Conflict`]). Every runtime component applies
 //!   status under the one field manager [`FIELD_MANAGER`], so a field one component leaves out of its
 //!   apply (a cleared `reason`, say) is removed, exactly as in the embedded store.
-//! - Devices are `EdgeDevice`s; the replay guard is `status.lastSeq`, moved with a write conditional
-//!   on the device's resourceVersion (and a CEL rule that refuses any move backwards).
+//! - Devices are `EdgeDevice`s; the replay guard is `status.lastSeq` with its window map
+//!   `status.seqWindow` (see `seq_window`), moved with a write conditional on the device's
+//!   resourceVersion (and a CEL rule that refuses any move of lastSeq backwards).
 //! - The policy is the `AgentPolicy` named `default`, cached from a watch.
 //! - Join tokens live, hashed, in the Secret [`JOIN_TOKENS_SECRET`]; spending one is a conditional
 //!   replace of that Secret.
@@ -16,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use agentplane_api::TaskPhase;
-use agentplane_api::device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus};
+use agentplane_api::device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, SEQ_WINDOW};
 use agentplane_api::policy::{AgentPolicy, AgentPolicySpec, ModelTier};
 use agentplane_api::task::{AgentTask, AgentTaskSpec, AgentTaskStatus, TRACEPARENT_ANNOTATION};
 use agentplane_api::wire::traceparent_trace_id;
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+use super::seq_window::{SeqRefusal, SeqWindow};
 use super::{
     Admission, DeviceRecord, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
     TaskRecord, TaskStore, Version,
@@ -50,6 +52,12 @@ pub const JOIN_TOKENS_SECRET: &str = "agentplane-join-tokens";
 
 /// How often the store retries a read-modify-write that keeps losing races before giving up.
 const CAS_ATTEMPTS: usize = 8;
+/// The same for recording a seq in a device's window: a device may have `SEQ_WINDOW` submissions in
+/// flight, all writing the one EdgeDevice, and each lost race means another of them got through.
+const SEQ_CLAIM_ATTEMPTS: usize = 2 * SEQ_WINDOW as usize;
+/// Labels on every AgentTask the gateway creates.
+pub const DEVICE_LABEL: &str = "agentplane.dev/device";
+pub const SEQ_LABEL: &str = "agentplane.dev/seq";
 
 /// One join token's record in the Secret (its key is the token's SHA-256).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -193,13 +201,19 @@ impl KubeStore {
         &self.tasks
     }
 
-    /// Moves the device's lastSeq to `seq` unless it is already there or beyond: `Ok(None)` when it
-    /// moved, `Ok(Some(last))` when `last >= seq` won. Starts from the record the caller read and
-    /// re-reads only after losing a race.
-    async fn advance_seq(&self, device: DeviceRecord, seq: u64) -> Result<Option<u64>, StoreError> {
+    /// Records `seq` in the device's replay window (lastSeq moves up to it if it is higher):
+    /// `Ok(Ok(()))` when recorded, `Ok(Err(refusal))` when the window, as it now stands, refuses it
+    /// (another task took the seq, or lastSeq moved so far that it fell out). The write is conditional
+    /// on the device's resourceVersion; it starts from the record the caller read and re-reads only
+    /// after losing a race.
+    async fn claim_seq(
+        &self,
+        device: DeviceRecord,
+        seq: u64,
+    ) -> Result<Result<(), SeqRefusal>, StoreError> {
         let name = device.name.clone();
         let mut current = Some(device);
-        for _ in 0..CAS_ATTEMPTS {
+        for _ in 0..SEQ_CLAIM_ATTEMPTS {
             let device = match current.take() {
                 Some(d) => d,
                 None => self
@@ -210,15 +224,15 @@ impl KubeStore {
                         id: name.clone(),
                     })?,
             };
-            if let Some(last) = device.status.last_seq
-                && last >= seq
-            {
-                return Ok(Some(last));
-            }
-            let status = EdgeDeviceStatus {
-                last_seen: Some(Time(Timestamp::now())),
-                last_seq: Some(seq),
+            let window = match SeqWindow::of(&device.status).admit(seq) {
+                Ok(w) => w,
+                Err(refusal) => return Ok(Err(refusal)),
             };
+            let mut status = EdgeDeviceStatus {
+                last_seen: Some(Time(Timestamp::now())),
+                ..device.status
+            };
+            window.store_in(&mut status);
             let patch = serde_json::json!({
                 "metadata": { "resourceVersion": device.version.0 },
                 "status": status,
@@ -228,13 +242,13 @@ impl KubeStore {
                 .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                Ok(_) => return Ok(None),
+                Ok(_) => return Ok(Ok(())),
                 Err(e) if is_status(&e, kube::core::Status::is_conflict) => continue,
                 Err(e) => return Err(api_error("EdgeDevice", &name, e)),
             }
         }
         Err(StoreError::Backend(format!(
-            "EdgeDevice {name}: lastSeq kept changing; gave up after {CAS_ATTEMPTS} attempts"
+            "EdgeDevice {name}: its replay window kept changing; gave up after {SEQ_CLAIM_ATTEMPTS} attempts"
         )))
     }
 
@@ -380,8 +394,8 @@ impl TaskStore for KubeStore {
     }
 
     async fn admit(&self, task: NewTask) -> Result<Admission, StoreError> {
-        // Three API calls on the common path (read the device, create, move lastSeq); the task is
-        // looked up only when its seq is not new, to tell a resubmission from a replay.
+        // Three API calls on the common path (read the device, create, record the seq); the task is
+        // looked up only when the window refuses its seq, to tell a resubmission from a replay.
         let device_name = task.spec.device_ref.name.clone();
         let device = self
             .get_device(&device_name)
@@ -390,12 +404,10 @@ impl TaskStore for KubeStore {
                 kind: "EdgeDevice",
                 id: device_name.clone(),
             })?;
-        if let Some(last_seq) = device.status.last_seq
-            && task.seq <= last_seq
-        {
+        if let Err(refusal) = SeqWindow::of(&device.status).check(task.seq) {
             return Ok(match self.get_task(&task.id).await? {
                 Some(existing) => Admission::Existing(existing),
-                None => Admission::SeqReplay { last_seq },
+                None => Admission::SeqReplay(refusal),
             });
         }
         let mut annotations = BTreeMap::new();
@@ -413,10 +425,12 @@ impl TaskStore for KubeStore {
                 // Present from birth, so the operator never spends a write adding it.
                 finalizers: Some(vec![FINALIZER.to_owned()]),
                 annotations: (!annotations.is_empty()).then_some(annotations),
-                labels: Some(BTreeMap::from([(
-                    "agentplane.dev/device".to_owned(),
-                    device_name.clone(),
-                )])),
+                // Device and seq as labels, so `kubectl get atask -l` finds the task holding a seq
+                // (the guard itself is the device's window, not a label query).
+                labels: Some(BTreeMap::from([
+                    (DEVICE_LABEL.to_owned(), device_name.clone()),
+                    (SEQ_LABEL.to_owned(), task.seq.to_string()),
+                ])),
                 ..Default::default()
             },
             spec: task.spec.clone(),
@@ -436,20 +450,20 @@ impl TaskStore for KubeStore {
             }
             Err(e) => return Err(api_error("AgentTask", &task.id, e)),
         };
-        // The task exists; now burn its seq. Losing to a higher seq (a concurrent submission from the
-        // same device) makes this one a replay after all: take it back. A crash in between leaves a
-        // task whose resubmission is answered `Existing`, never a burnt seq without a task.
-        match self.advance_seq(device, task.seq).await {
-            Ok(None) => {
+        // The task exists; now record its seq in the device's window. Losing the seq to a concurrent
+        // submission (another task id under the same seq, or so many higher seqs that this one slid
+        // out of the window) makes this one a replay after all: take it back. A crash in between
+        // leaves a task whose resubmission is answered `Existing`, never a burnt seq without a task.
+        match self.claim_seq(device, task.seq).await? {
+            Ok(()) => {
                 let mut record = task_record(&created);
                 record.status.phase = Some(TaskPhase::Pending);
                 Ok(Admission::Created(record))
             }
-            Ok(Some(last_seq)) => {
-                self.withdraw(&task.id, task.seq, last_seq).await;
-                Ok(Admission::SeqReplay { last_seq })
+            Err(refusal) => {
+                self.withdraw(&task.id, task.seq, refusal).await;
+                Ok(Admission::SeqReplay(refusal))
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -715,10 +729,11 @@ impl TaskStore for KubeStore {
 }
 
 impl KubeStore {
-    /// Takes back a task this store just created but whose seq lost to a higher one: it is denied
+    /// Takes back a task this store just created but whose seq the window refused: it is denied
     /// (never run) rather than deleted, so nothing an API client saw disappears and the gateway needs
     /// no delete permission. A resubmission of it is answered `Existing` with the denial.
-    async fn withdraw(&self, id: &str, seq: u64, last_seq: u64) {
+    async fn withdraw(&self, id: &str, seq: u64, refusal: SeqRefusal) {
+        let last_seq = refusal.last_seq();
         let result = async {
             let task = self.get_task(id).await?.ok_or_else(|| StoreError::NotFound {
                 kind: "AgentTask",

@@ -10,6 +10,7 @@
 //! - [`TaskStore::changes`] is the watch: a best-effort wake-up signal, never the source of truth.
 
 pub mod kubernetes;
+pub mod seq_window;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -72,13 +73,14 @@ pub struct NewTask {
 /// What admitting a task did.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Admission {
-    /// A new task was stored and the device's lastSeq moved to its seq.
+    /// A new task was stored and its seq recorded in the device's window (lastSeq moved up to it if
+    /// it was higher).
     Created(TaskRecord),
     /// A task with this id already exists; nothing was written.
     Existing(TaskRecord),
-    /// The task id is new but its seq is not above the device's lastSeq: a replay (or an outbox sent
-    /// out of order). Nothing was written.
-    SeqReplay { last_seq: u64 },
+    /// The task id is new but its seq is already taken by another task of the device, or is too far
+    /// below the device's lastSeq ([`seq_window`]): a replay. Nothing was written.
+    SeqReplay(seq_window::SeqRefusal),
 }
 
 /// A device to register with a one-time join token.
@@ -148,10 +150,11 @@ pub trait TaskStore: Send + Sync + 'static {
     /// The namespace this store serves.
     fn namespace(&self) -> &str;
 
-    /// Admits a task under the per-device replay rule, atomically with moving the device's lastSeq.
-    /// Implementations that cannot do both in one transaction (Kubernetes) must create the task first
-    /// and then move lastSeq conditionally, deleting the task if that loses: a crash in between leaves
-    /// a task whose resubmission is answered as `Existing`, never a burnt seq.
+    /// Admits a task under the per-device replay rule ([`seq_window`]), atomically with recording its
+    /// seq in the device's window. Implementations that cannot do both in one transaction (Kubernetes)
+    /// must create the task first and then record the seq conditionally, withdrawing the task if that
+    /// loses: a crash in between leaves a task whose resubmission is answered as `Existing`, never a
+    /// burnt seq.
     async fn admit(&self, task: NewTask) -> Result<Admission, StoreError>;
 
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;

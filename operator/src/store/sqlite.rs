@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::seq_window::SeqWindow;
 use super::{
     Admission, DeviceRecord, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
     TaskRecord, TaskStore, Version,
@@ -283,11 +284,12 @@ impl TaskStore for SqliteStore {
                 kind: "EdgeDevice",
                 id: device_name.clone(),
             })?;
-            if let Some(last_seq) = device.status.last_seq
-                && task.seq <= last_seq
-            {
-                return Ok(Admission::SeqReplay { last_seq });
-            }
+            // The window answers "is this seq taken" for tasks deleted since too; the unique index
+            // on (device, seq) stays as the second line.
+            let window = match SeqWindow::of(&device.status).admit(task.seq) {
+                Ok(w) => w,
+                Err(refusal) => return Ok(Admission::SeqReplay(refusal)),
+            };
             let now = Timestamp::now();
             let status = AgentTaskStatus {
                 phase: Some(TaskPhase::Pending),
@@ -308,10 +310,11 @@ impl TaskStore for SqliteStore {
                 ],
             )
             .map_err(be)?;
-            let device_status = EdgeDeviceStatus {
+            let mut device_status = EdgeDeviceStatus {
                 last_seen: Some(Time(now)),
-                last_seq: Some(task.seq),
+                ..device.status
             };
+            window.store_in(&mut device_status);
             tx.execute(
                 "UPDATE devices SET status = ?1, version = version + 1 WHERE name = ?2",
                 params![to_json(&device_status)?, device_name],
@@ -680,30 +683,53 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn admit_applies_the_seq_rule_and_is_idempotent() {
+    async fn admit_applies_the_seq_window_and_is_idempotent() {
+        use super::super::seq_window::SeqRefusal;
+        use agentplane_api::device::SEQ_WINDOW;
         let (_d, s) = store().await;
+        let created = |a: Admission| matches!(a, Admission::Created(_));
+        assert!(created(s.admit(new_task("t100", 100)).await.unwrap()));
+        // The same task id again is the existing task (idempotent), whatever the window says.
         assert!(matches!(
-            s.admit(new_task("t1", 5)).await.unwrap(),
-            Admission::Created(_)
-        ));
-        assert!(matches!(
-            s.admit(new_task("t1", 5)).await.unwrap(),
+            s.admit(new_task("t100", 100)).await.unwrap(),
             Admission::Existing(_)
         ));
+        // Out of order within the window: accepted, lastSeq stays at the highest.
+        assert!(created(s.admit(new_task("t98", 98)).await.unwrap()));
+        assert!(created(s.admit(new_task("t99", 99)).await.unwrap()));
+        // A new task id under a seq already taken: refused.
+        for seq in [98, 100] {
+            assert_eq!(
+                s.admit(new_task(&format!("again{seq}"), seq))
+                    .await
+                    .unwrap(),
+                Admission::SeqReplay(SeqRefusal::Taken { last_seq: 100 })
+            );
+        }
+        // The boundary: lastSeq - W + 1 is inside, lastSeq - W is not.
         assert_eq!(
-            s.admit(new_task("t2", 5)).await.unwrap(),
-            Admission::SeqReplay { last_seq: 5 }
+            s.admit(new_task("old", 100 - SEQ_WINDOW)).await.unwrap(),
+            Admission::SeqReplay(SeqRefusal::BelowWindow { last_seq: 100 })
         );
-        assert_eq!(
-            s.admit(new_task("t3", 4)).await.unwrap(),
-            Admission::SeqReplay { last_seq: 5 }
-        );
-        assert!(matches!(
-            s.admit(new_task("t4", 6)).await.unwrap(),
-            Admission::Created(_)
+        assert!(created(
+            s.admit(new_task("oldest", 100 - SEQ_WINDOW + 1))
+                .await
+                .unwrap()
         ));
+        assert!(created(s.admit(new_task("t101", 101)).await.unwrap()));
         let dev = s.get_device("d1").await.unwrap().unwrap();
-        assert_eq!(dev.status.last_seq, Some(6));
+        assert_eq!(dev.status.last_seq, Some(101));
+        assert!(dev.status.last_seen.is_some());
+        // The window is read back from the stored status; 37 slid out when lastSeq became 101.
+        assert_eq!(
+            s.admit(new_task("again99", 99)).await.unwrap(),
+            Admission::SeqReplay(SeqRefusal::Taken { last_seq: 101 })
+        );
+        assert_eq!(
+            s.admit(new_task("again37", 37)).await.unwrap(),
+            Admission::SeqReplay(SeqRefusal::BelowWindow { last_seq: 101 })
+        );
+        assert!(created(s.admit(new_task("t97", 97)).await.unwrap()));
     }
 
     #[tokio::test]
