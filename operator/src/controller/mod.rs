@@ -14,6 +14,7 @@
 //! the rebuild reads. A task held by a rate limit gets `Admitted=False` (`RateLimited`) once and is
 //! reconciled again when the window has room.
 
+pub mod gpu_job;
 pub mod operator;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -378,6 +379,12 @@ async fn enqueue(
     // worker's handling is its child.
     let span = tracing::info_span!("controller.enqueue", otel.kind = "producer", task = %task.id);
     let mut attributes = BTreeMap::from([(ATTR_TASK_ID.to_owned(), task.id.clone())]);
+    // The display copy was checked against the signed payload at admission. A queue that can place
+    // work on a GPU pool (the operator's Job dispatch) reads this; a plain queue just carries it.
+    let gpus = task.spec.required_resources.gpu;
+    if gpus > 0 {
+        attributes.insert(gpu_job::ATTR_GPUS.to_owned(), gpus.to_string());
+    }
     if let Some(trace_id) = &task.status.trace_id {
         telemetry::join_trace(&span, trace_id, None);
         if let Some(tp) = telemetry::hop_traceparent(&span, trace_id) {
@@ -419,7 +426,7 @@ async fn deny(
     })
 }
 
-async fn finish(
+pub(crate) async fn finish(
     store: &dyn TaskStore,
     task: &TaskRecord,
     phase: TaskPhase,
