@@ -142,6 +142,14 @@ async fn step(
             let Some(approval) = &task.status.approval else {
                 return Ok(Outcome::Unchanged.into());
             };
+            // Whoever wrote the decision, it counts only if its approver is one of the policy's
+            // approvers now, at decision time (the list may have changed since the gateway checked).
+            let policy = store.get_policy().await?.unwrap_or_default();
+            if !policy::is_approver(&policy, &approval.approver) {
+                return Ok(refuse_decision(store, task, &approval.approver)
+                    .await?
+                    .into());
+            }
             let outcome = match approval.decision {
                 ApprovalDecision::Denied => {
                     let reason = format!("denied by approver {}", approval.approver);
@@ -178,6 +186,35 @@ async fn step(
         // Queued and Running belong to the workers.
         _ => Ok(Outcome::Unchanged.into()),
     }
+}
+
+/// Drops a decision whose approver is not in the policy's `approvers`: the task keeps waiting for a
+/// real approver, and `Approved=False` (`NotAnApprover`) says whose decision was refused.
+async fn refuse_decision(
+    store: &dyn TaskStore,
+    task: &TaskRecord,
+    approver: &str,
+) -> Result<Outcome, ControllerError> {
+    let mut status = task.status.clone();
+    status.approval = None;
+    set_condition(
+        &mut status.conditions,
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: crate::store::CONDITION_APPROVED.to_owned(),
+            status: "False".to_owned(),
+            reason: "NotAnApprover".to_owned(),
+            message: format!(
+                "decision by {approver:?} refused: not an approver in the AgentPolicy"
+            ),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            ),
+            observed_generation: None,
+        },
+    );
+    write_status(store, task, status).await?;
+    tracing::warn!(task = %task.id, approver, "approval refused: not an approver in the policy");
+    Ok(Outcome::Unchanged)
 }
 
 /// Whether the policy has anything a ledger counts for (rate limits or budgets).
@@ -796,6 +833,60 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_decision_by_someone_not_in_the_approvers_is_refused_at_decision_time() {
+        let mut f = Fixture::new(RateLimitAction::Deny).await;
+        let mut policy = f.store.get_policy().await.unwrap().unwrap();
+        for rule in policy.intents.iter_mut().filter(|r| r.kind == "summarize") {
+            rule.requires_approval = true;
+            rule.rate_limits.clear();
+        }
+        policy.approvers = vec!["alice".into()];
+        f.store.put_policy(policy).await.unwrap();
+        let task = f.task().await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &task).await.unwrap(),
+            Outcome::Moved(TaskPhase::AwaitingApproval)
+        );
+        let decide = |who: &str| agentplane_api::task::Approval {
+            decision: ApprovalDecision::Approved,
+            approver: who.into(),
+            decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+            comment: None,
+        };
+        // Written around the gateway (or by a component that should not decide): refused.
+        let parked = f.store.get_task(&task.id).await.unwrap().unwrap();
+        let mut status = parked.status.clone();
+        status.approval = Some(decide("mallory"));
+        let forged = write_status(&*f.store, &parked, status).await.unwrap();
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &forged).await.unwrap(),
+            Outcome::Unchanged
+        );
+        let waiting = f.store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(waiting.phase(), TaskPhase::AwaitingApproval);
+        assert!(waiting.status.approval.is_none());
+        let cond = waiting
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Approved")
+            .unwrap();
+        assert_eq!(
+            (cond.status.as_str(), cond.reason.as_str()),
+            ("False", "NotAnApprover")
+        );
+        assert!(cond.message.contains("mallory"), "{}", cond.message);
+        // The policy's approver's decision goes through.
+        let mut status = waiting.status.clone();
+        status.approval = Some(decide("alice"));
+        let approved = write_status(&*f.store, &waiting, status).await.unwrap();
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &approved).await.unwrap(),
+            Outcome::Moved(TaskPhase::Queued)
+        );
     }
 
     #[tokio::test]
