@@ -146,13 +146,42 @@ async fn step(
             // approvers now, at decision time (the list may have changed since the gateway checked).
             let policy = store.get_policy().await?.unwrap_or_default();
             if !policy::is_approver(&policy, &approval.approver) {
-                return Ok(refuse_decision(store, task, &approval.approver)
+                let why = format!(
+                    "decision by {:?} refused: not an approver in the AgentPolicy",
+                    approval.approver
+                );
+                return Ok(refuse_decision(store, task, "NotAnApprover", &why)
+                    .await?
+                    .into());
+            }
+            // A plan waits at one tool call: the decision must name that step and those exact
+            // arguments (a decision about other arguments, or a task-level one, is not about it).
+            if let Some(pending) = &task.status.pending_approval
+                && !approval.covers(pending)
+            {
+                let why = format!(
+                    "decision by {:?} refused: it is about step {:?} with arguments {:?}, but step {} ({}/{}) waits with arguments {}",
+                    approval.approver,
+                    approval.step,
+                    approval.args_digest,
+                    pending.step,
+                    pending.server,
+                    pending.tool,
+                    pending.args_digest
+                );
+                return Ok(refuse_decision(store, task, "DecisionMismatch", &why)
                     .await?
                     .into());
             }
             let outcome = match approval.decision {
                 ApprovalDecision::Denied => {
-                    let reason = format!("denied by approver {}", approval.approver);
+                    let reason = match &task.status.pending_approval {
+                        Some(p) => format!(
+                            "denied by approver {} at step {} ({}/{})",
+                            approval.approver, p.step, p.server, p.tool
+                        ),
+                        None => format!("denied by approver {}", approval.approver),
+                    };
                     finish(store, task, TaskPhase::Denied, &reason).await
                 }
                 ApprovalDecision::Approved => {
@@ -188,12 +217,14 @@ async fn step(
     }
 }
 
-/// Drops a decision whose approver is not in the policy's `approvers`: the task keeps waiting for a
-/// real approver, and `Approved=False` (`NotAnApprover`) says whose decision was refused.
+/// Drops a decision that does not count (an approver not in the policy's `approvers`, or a decision
+/// about another call than the pending one): the task keeps waiting, and `Approved=False` with
+/// `reason` says whose decision was refused and why.
 async fn refuse_decision(
     store: &dyn TaskStore,
     task: &TaskRecord,
-    approver: &str,
+    reason: &str,
+    message: &str,
 ) -> Result<Outcome, ControllerError> {
     let mut status = task.status.clone();
     status.approval = None;
@@ -202,10 +233,8 @@ async fn refuse_decision(
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
             type_: crate::store::CONDITION_APPROVED.to_owned(),
             status: "False".to_owned(),
-            reason: "NotAnApprover".to_owned(),
-            message: format!(
-                "decision by {approver:?} refused: not an approver in the AgentPolicy"
-            ),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
             last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 Timestamp::now(),
             ),
@@ -213,7 +242,7 @@ async fn refuse_decision(
         },
     );
     write_status(store, task, status).await?;
-    tracing::warn!(task = %task.id, approver, "approval refused: not an approver in the policy");
+    tracing::warn!(task = %task.id, reason, message, "approval refused");
     Ok(Outcome::Unchanged)
 }
 
@@ -857,6 +886,8 @@ mod tests {
             approver: who.into(),
             decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
             comment: None,
+            step: None,
+            args_digest: None,
         };
         // Written around the gateway (or by a component that should not decide): refused.
         let parked = f.store.get_task(&task.id).await.unwrap().unwrap();
@@ -889,6 +920,111 @@ mod tests {
             reconcile(&*f.store, &*f.queue, &approved).await.unwrap(),
             Outcome::Moved(TaskPhase::Queued)
         );
+    }
+
+    #[tokio::test]
+    async fn a_step_decision_counts_only_for_the_pending_call_and_a_denial_names_the_step() {
+        use agentplane_api::task::{PendingApproval, args_digest};
+        let mut f = Fixture::new(RateLimitAction::Deny).await;
+        let mut policy = f.store.get_policy().await.unwrap().unwrap();
+        for rule in policy.intents.iter_mut().filter(|r| r.kind == "summarize") {
+            rule.requires_approval = true;
+            rule.rate_limits.clear();
+        }
+        policy.approvers = vec!["alice".into()];
+        f.store.put_policy(policy).await.unwrap();
+        let args = |path: &str| {
+            serde_json::json!({"path": path})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let task = f.task().await;
+            reconcile(&*f.store, &*f.queue, &task).await.unwrap();
+            // The plan stopped at step 3, a destructive tool call (as the worker records it).
+            let parked = f.store.get_task(&task.id).await.unwrap().unwrap();
+            let mut status = parked.status.clone();
+            status.pending_approval = Some(PendingApproval {
+                step: 3,
+                server: "files".into(),
+                tool: "delete".into(),
+                arguments: args("/tmp/a"),
+                args_digest: args_digest(&args("/tmp/a")),
+                requested_at: None,
+            });
+            write_status(&*f.store, &parked, status).await.unwrap();
+            ids.push(task.id);
+        }
+        let decide = |decision, digest: String| agentplane_api::task::Approval {
+            decision,
+            approver: "alice".into(),
+            decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+            comment: None,
+            step: Some(3),
+            args_digest: Some(digest),
+        };
+        let record = |id: &str, approval| {
+            let store = f.store.clone();
+            let id = id.to_owned();
+            async move {
+                let t = store.get_task(&id).await.unwrap().unwrap();
+                let mut status = t.status.clone();
+                status.approval = Some(approval);
+                write_status(&*store, &t, status).await.unwrap()
+            }
+        };
+        // Approving other arguments than the pending call's: refused, still waiting.
+        let other = record(
+            &ids[0],
+            decide(ApprovalDecision::Approved, args_digest(&args("/etc"))),
+        )
+        .await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &other).await.unwrap(),
+            Outcome::Unchanged
+        );
+        let waiting = f.store.get_task(&ids[0]).await.unwrap().unwrap();
+        assert_eq!(waiting.phase(), TaskPhase::AwaitingApproval);
+        assert!(waiting.status.approval.is_none());
+        let cond = waiting
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Approved")
+            .unwrap();
+        assert_eq!(cond.reason, "DecisionMismatch");
+        // The exact call: approved, back to the queue.
+        let exact = record(
+            &ids[0],
+            decide(ApprovalDecision::Approved, args_digest(&args("/tmp/a"))),
+        )
+        .await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &exact).await.unwrap(),
+            Outcome::Moved(TaskPhase::Queued)
+        );
+        // Denied: the reason names the step and the tool.
+        let denied = record(
+            &ids[1],
+            decide(ApprovalDecision::Denied, args_digest(&args("/tmp/a"))),
+        )
+        .await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &denied).await.unwrap(),
+            Outcome::Moved(TaskPhase::Denied)
+        );
+        let reason = f
+            .store
+            .get_task(&ids[1])
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .reason
+            .unwrap();
+        assert_eq!(reason, "denied by approver alice at step 3 (files/delete)");
     }
 
     #[tokio::test]

@@ -403,6 +403,8 @@ async fn approver_of(
 /// What an approver is asked to allow for a task waiting for a decision.
 fn pending_approval(t: &TaskRecord) -> PendingApproval {
     let payload = t.spec.envelope.peek_intent().ok();
+    // A plan waiting at a tool call; absent, the task-level approval its intent rule asks for.
+    let call = t.status.pending_approval.as_ref();
     PendingApproval {
         task_id: t.id.clone(),
         device_id: t.spec.device_ref.name.clone(),
@@ -411,11 +413,11 @@ fn pending_approval(t: &TaskRecord) -> PendingApproval {
         prompt: payload.map(|p| p.intent.prompt).unwrap_or_default(),
         model: t.status.model.clone(),
         waiting_since: crate::store::admitted_at(&t.status).map(|at| at.to_string()),
-        step: None,
-        server: None,
-        tool: None,
-        arguments: None,
-        args_digest: None,
+        step: call.map(|c| c.step),
+        server: call.map(|c| c.server.clone()),
+        tool: call.map(|c| c.tool.clone()),
+        arguments: call.map(|c| serde_json::Value::Object(c.arguments.clone())),
+        args_digest: call.map(|c| c.args_digest.clone()),
     }
 }
 
@@ -509,8 +511,9 @@ async fn decide(
             approver: approver.clone(),
             decided_at: Time(jiff::Timestamp::now()),
             comment: request.comment.clone(),
-            step: None,
-            args_digest: None,
+            // The call decided on: the one just checked to be pending (same step, same digest).
+            step: pending.step,
+            args_digest: pending.args_digest.clone(),
         });
         match write_status(&*state.store, &task, status).await {
             Ok(t) => {
