@@ -433,27 +433,12 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         )?;
         let metrics = Arc::new(Metrics::default());
         let store: DynStore = store;
-        if let Some((namespace, name)) = &args.task {
-            let worker = Worker {
-                store,
-                queue,
-                dead_letters,
-                models,
-                metrics,
-                config: WorkerConfig {
-                    call_timeout: Duration::from_secs(args.model_timeout_secs.max(1)),
-                    ..WorkerConfig::default()
-                },
-            };
-            return run_one_task(&worker, namespace, name).await;
-        }
-        let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
         let worker = Arc::new(Worker {
             store,
             queue,
             dead_letters,
             models,
-            metrics,
+            metrics: metrics.clone(),
             config: WorkerConfig {
                 concurrency: args.workers.max(1),
                 visibility: Duration::from_secs(args.visibility_timeout_secs.clamp(1, 43_200)),
@@ -462,6 +447,10 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 ..WorkerConfig::default()
             },
         });
+        if let Some((namespace, name)) = &args.task {
+            return run_one_task(&worker, namespace, name).await;
+        }
+        let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
         tracing::info!(namespace = %args.common.namespace, queue = ?args.queue_url, "agentplane worker starting");
         worker.run(shutdown.clone()).await;
         shutdown.cancel();

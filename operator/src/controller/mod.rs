@@ -849,6 +849,40 @@ mod tests {
             }
         }
 
+        /// `summarize` needs approval, and alice is the one approver.
+        async fn awaiting_alices_approval() -> Fixture {
+            let f = Fixture::new(RateLimitAction::Deny).await;
+            let mut policy = f.store.get_policy().await.unwrap().unwrap();
+            for rule in policy.intents.iter_mut().filter(|r| r.kind == "summarize") {
+                rule.requires_approval = true;
+                rule.rate_limits.clear();
+            }
+            policy.approvers = vec!["alice".into()];
+            f.store.put_policy(policy).await.unwrap();
+            f
+        }
+
+        /// A task whose decision was dropped: still waiting, no approval, and its `Approved` condition.
+        async fn refused(
+            &self,
+            id: &str,
+        ) -> (
+            TaskRecord,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+        ) {
+            let waiting = self.store.get_task(id).await.unwrap().unwrap();
+            assert_eq!(waiting.phase(), TaskPhase::AwaitingApproval);
+            assert!(waiting.status.approval.is_none());
+            let cond = waiting
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Approved")
+                .unwrap()
+                .clone();
+            (waiting, cond)
+        }
+
         async fn task(&mut self) -> TaskRecord {
             self.seq += 1;
             let payload = self.device.intent(self.seq, "summarize", "hi");
@@ -868,14 +902,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_decision_by_someone_not_in_the_approvers_is_refused_at_decision_time() {
-        let mut f = Fixture::new(RateLimitAction::Deny).await;
-        let mut policy = f.store.get_policy().await.unwrap().unwrap();
-        for rule in policy.intents.iter_mut().filter(|r| r.kind == "summarize") {
-            rule.requires_approval = true;
-            rule.rate_limits.clear();
-        }
-        policy.approvers = vec!["alice".into()];
-        f.store.put_policy(policy).await.unwrap();
+        let mut f = Fixture::awaiting_alices_approval().await;
         let task = f.task().await;
         assert_eq!(
             reconcile(&*f.store, &*f.queue, &task).await.unwrap(),
@@ -898,15 +925,7 @@ mod tests {
             reconcile(&*f.store, &*f.queue, &forged).await.unwrap(),
             Outcome::Unchanged
         );
-        let waiting = f.store.get_task(&task.id).await.unwrap().unwrap();
-        assert_eq!(waiting.phase(), TaskPhase::AwaitingApproval);
-        assert!(waiting.status.approval.is_none());
-        let cond = waiting
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Approved")
-            .unwrap();
+        let (waiting, cond) = f.refused(&task.id).await;
         assert_eq!(
             (cond.status.as_str(), cond.reason.as_str()),
             ("False", "NotAnApprover")
@@ -925,14 +944,7 @@ mod tests {
     #[tokio::test]
     async fn a_step_decision_counts_only_for_the_pending_call_and_a_denial_names_the_step() {
         use agentplane_api::task::{PendingApproval, args_digest};
-        let mut f = Fixture::new(RateLimitAction::Deny).await;
-        let mut policy = f.store.get_policy().await.unwrap().unwrap();
-        for rule in policy.intents.iter_mut().filter(|r| r.kind == "summarize") {
-            rule.requires_approval = true;
-            rule.rate_limits.clear();
-        }
-        policy.approvers = vec!["alice".into()];
-        f.store.put_policy(policy).await.unwrap();
+        let mut f = Fixture::awaiting_alices_approval().await;
         let args = |path: &str| {
             serde_json::json!({"path": path})
                 .as_object()
@@ -985,15 +997,7 @@ mod tests {
             reconcile(&*f.store, &*f.queue, &other).await.unwrap(),
             Outcome::Unchanged
         );
-        let waiting = f.store.get_task(&ids[0]).await.unwrap().unwrap();
-        assert_eq!(waiting.phase(), TaskPhase::AwaitingApproval);
-        assert!(waiting.status.approval.is_none());
-        let cond = waiting
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Approved")
-            .unwrap();
+        let (_, cond) = f.refused(&ids[0]).await;
         assert_eq!(cond.reason, "DecisionMismatch");
         // The exact call: approved, back to the queue.
         let exact = record(
