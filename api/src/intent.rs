@@ -59,16 +59,54 @@ pub struct Intent {
     pub params: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Most GPUs one task may ask for (the largest common node has 8; 16 leaves room without letting a
+/// typo ask for thousands).
+pub const MAX_GPUS: u32 = 16;
+
 /// What the task needs from the runtime.
 #[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RequiredResources {
-    /// Whether the task needs a GPU-backed model tier.
-    #[serde(default)]
-    pub gpu: bool,
+    /// How many GPUs the task needs (0: none). A GPU task runs on a GPU-backed model tier and, in a
+    /// cluster, as a Job on the GPU pool with this many `nvidia.com/gpu`. Payload version 1 first
+    /// carried a boolean here; `true` still reads as 1 and `false` as 0, so envelopes signed before
+    /// the change (queued offline on devices) verify and parse unchanged.
+    #[serde(default, deserialize_with = "deserialize_gpu_count")]
+    #[schemars(range(max = 16))]
+    pub gpu: u32,
     /// The model tier the device asks for; the policy may move it down the ladder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+}
+
+impl RequiredResources {
+    pub fn needs_gpu(&self) -> bool {
+        self.gpu > 0
+    }
+}
+
+/// Reads a GPU count, or the boolean earlier payloads carried (`true` = 1, `false` = 0). A negative
+/// or fractional number, or a count beyond `u32`, is an error naming what was expected.
+pub fn deserialize_gpu_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    struct GpuCount;
+    impl serde::de::Visitor<'_> for GpuCount {
+        type Value = u32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a GPU count (a non-negative integer) or a boolean (true = 1 GPU)")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<u32, E> {
+            Ok(u32::from(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u32, E> {
+            u32::try_from(v).map_err(|_| E::custom(format!("GPU count {v} is too large")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u32, E> {
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("GPU count {v} is negative")))
+                .and_then(|v| self.visit_u64(v))
+        }
+    }
+    d.deserialize_any(GpuCount)
 }
 
 /// The signed payload of an intent (`application/vnd.agentplane.intent.v1+json`).
@@ -129,6 +167,15 @@ impl IntentPayload {
             return Err(invalid(
                 "intent.type",
                 "may hold only ASCII letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if self.required_resources.gpu > MAX_GPUS {
+            return Err(invalid(
+                "requiredResources.gpu",
+                format!(
+                    "asks for {} GPUs; at most {MAX_GPUS}",
+                    self.required_resources.gpu
+                ),
             ));
         }
         if self.intent.prompt.len() > MAX_PROMPT_BYTES {
@@ -231,6 +278,36 @@ mod tests {
         p.intent.kind = "has space".into();
         assert_eq!(p.validate().unwrap_err().field, "intent.type");
         assert!(sample().validate().is_ok());
+    }
+
+    #[test]
+    fn gpu_is_a_count_and_the_old_boolean_still_reads() {
+        let with = |gpu: serde_json::Value| {
+            let mut v = serde_json::to_value(sample()).unwrap();
+            v["requiredResources"]["gpu"] = gpu;
+            serde_json::from_value::<IntentPayload>(v).map(|p| p.required_resources.gpu)
+        };
+        assert_eq!(with(serde_json::json!(true)).unwrap(), 1);
+        assert_eq!(with(serde_json::json!(false)).unwrap(), 0);
+        assert_eq!(with(serde_json::json!(4)).unwrap(), 4);
+        let negative = with(serde_json::json!(-1)).unwrap_err().to_string();
+        assert!(negative.contains("negative"), "{negative}");
+        let fraction = with(serde_json::json!(1.5)).unwrap_err().to_string();
+        assert!(fraction.contains("GPU count"), "{fraction}");
+        assert!(with(serde_json::json!("2")).is_err());
+        // Absent: no GPU. Written back as a number.
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["requiredResources"] = serde_json::json!({});
+        let p: IntentPayload = serde_json::from_value(v).unwrap();
+        assert_eq!(p.required_resources.gpu, 0);
+        let mut p = sample();
+        p.required_resources.gpu = 2;
+        assert_eq!(
+            serde_json::to_value(&p).unwrap()["requiredResources"]["gpu"],
+            2
+        );
+        p.required_resources.gpu = MAX_GPUS + 1;
+        assert_eq!(p.validate().unwrap_err().field, "requiredResources.gpu");
     }
 
     #[test]

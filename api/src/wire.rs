@@ -164,6 +164,50 @@ pub struct TaskView {
 pub struct ApprovalRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// The plan step decided on. Absent: the task-level approval. A step the task is not waiting
+    /// at is refused (409 `step_mismatch`), so a decision covers only the call the approver saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// Digest of the pending call's arguments as the approver saw them (from `GET /v1/approvals`);
+    /// a decision whose digest differs from the pending call's is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_digest: Option<String>,
+}
+
+/// `GET /v1/approvals` (approver credential): what waits for a decision, oldest first.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalList {
+    pub pending: Vec<PendingApproval>,
+}
+
+/// One task waiting for an approver, with what the approver is asked to allow.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingApproval {
+    pub task_id: String,
+    pub device_id: String,
+    pub user_id: String,
+    pub intent_type: String,
+    /// The signed prompt (verified by the controller before the task was parked).
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSelection>,
+    /// When the task started waiting (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<String>,
+    /// The plan step waiting for approval; absent for a task-level approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// The MCP server and tool of the pending call, its arguments and their digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_digest: Option<String>,
 }
 
 /// Every non-2xx answer: `{"error": {"code": "...", "message": "...", ...}}`.

@@ -46,7 +46,7 @@ fn payload() -> IntentPayload {
         },
         privacy_level: PrivacyLevel::Regulated,
         required_resources: RequiredResources {
-            gpu: true,
+            gpu: 1,
             model: Some("large".into()),
         },
     }
@@ -58,6 +58,25 @@ fn signed() -> Envelope {
 
 fn verify(env: &Envelope) -> Result<agentplane_api::VerifiedIntent, EnvelopeError> {
     env.verify("kiosk-1", &[device_key("k1", &key(1))], now())
+}
+
+/// An envelope signed before `requiredResources.gpu` became a count carries `"gpu": true`: the
+/// signature covers those exact bytes, so it must still verify, and the payload reads as one GPU.
+#[test]
+fn an_envelope_signed_with_the_boolean_gpu_still_verifies_and_reads_as_a_count() {
+    for (old, count) in [("true", 1), ("false", 0)] {
+        let mut v = serde_json::to_value(payload()).unwrap();
+        v["requiredResources"]["gpu"] = serde_json::from_str(old).unwrap();
+        let bytes = serde_json::to_vec(&v).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains(&format!("\"gpu\":{old}")));
+        let env = Envelope::sign_bytes(INTENT_PAYLOAD_TYPE, &bytes, "k1", &key(1)).unwrap();
+        let verified = verify(&env).unwrap();
+        assert_eq!(verified.payload.required_resources.gpu, count);
+        assert_eq!(
+            verified.payload_bytes, bytes,
+            "the signed bytes are kept verbatim"
+        );
+    }
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
                         privacy_level: agentplane_api::PrivacyLevel::Public,
                         user_id: None,
                         params: Default::default(),
-                        gpu: false,
+                        gpu: 0,
                         model: None,
                         consent_scopes: vec!["process".into()],
                     };

@@ -32,8 +32,12 @@ pub struct IntentRequest {
     pub user_id: Option<String>,
     #[serde(default)]
     pub params: serde_json::Map<String, serde_json::Value>,
-    #[serde(default)]
-    pub gpu: bool,
+    /// GPUs the task needs; `true`/`false` from older UIs read as 1/0.
+    #[serde(
+        default,
+        deserialize_with = "agentplane_api::intent::deserialize_gpu_count"
+    )]
+    pub gpu: u32,
     #[serde(default)]
     pub model: Option<String>,
     /// Consent scopes the user granted with this intent.

@@ -91,6 +91,9 @@ enum Command {
         /// Allow a private intent to leave the device.
         #[arg(long)]
         allow_private_upload: bool,
+        /// GPUs the task needs (0: none); a cluster runs a GPU task as a Job on its GPU pool.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=agentplane_api::intent::MAX_GPUS as i64))]
+        gpu: u32,
         /// Wait until the task finishes (needs a running agent) and print its result.
         #[arg(long)]
         wait: bool,
@@ -373,6 +376,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             privacy,
             user,
             allow_private_upload,
+            gpu,
             wait,
             timeout_secs,
         } => {
@@ -400,7 +404,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 privacy_level: privacy.into(),
                 user_id: None,
                 params: Default::default(),
-                gpu: false,
+                gpu,
                 model: None,
                 consent_scopes: vec!["process".into()],
             };

@@ -5,8 +5,8 @@ use agentplane_api::device::{KeyAlgorithm, PublicKey};
 use agentplane_api::envelope::encode_public_key;
 use agentplane_api::intent::{Consent, Intent, IntentPayload, PrivacyLevel, RequiredResources};
 use agentplane_api::wire::{
-    ApprovalRequest, EnrollRequest, EnrollResponse, ErrorBody, READ_AUTH_SCHEME, SubmitResponse,
-    TaskView, read_auth_message,
+    ApprovalList, ApprovalRequest, EnrollRequest, EnrollResponse, ErrorBody, READ_AUTH_SCHEME,
+    SubmitResponse, TaskView, read_auth_message,
 };
 use agentplane_api::{Envelope, EnvelopeError};
 use base64::Engine as _;
@@ -255,14 +255,39 @@ impl GatewayClient {
         approve: bool,
         comment: Option<&str>,
     ) -> Result<TaskView, ClientError> {
+        let request = ApprovalRequest {
+            comment: comment.map(str::to_owned),
+            ..ApprovalRequest::default()
+        };
+        self.decide_with(approver_token, id, approve, &request)
+            .await
+    }
+
+    /// Approves or denies with a full request (a step and the arguments' digest).
+    pub async fn decide_with(
+        &self,
+        approver_token: &str,
+        id: &str,
+        approve: bool,
+        request: &ApprovalRequest,
+    ) -> Result<TaskView, ClientError> {
         let verb = if approve { "approve" } else { "deny" };
         let resp = self
             .http
             .post(format!("{}/v1/tasks/{id}/{verb}", self.base))
             .bearer_auth(approver_token)
-            .json(&ApprovalRequest {
-                comment: comment.map(str::to_owned),
-            })
+            .json(request)
+            .send()
+            .await?;
+        Ok(decode(resp).await?.1)
+    }
+
+    /// `GET /v1/approvals`.
+    pub async fn approvals(&self, approver_token: &str) -> Result<ApprovalList, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/approvals", self.base))
+            .bearer_auth(approver_token)
             .send()
             .await?;
         Ok(decode(resp).await?.1)

@@ -12,6 +12,7 @@ use agentplane::audit::{
     AuditLog, AuditLogConfig, CheckpointSigner, Ed25519Signer, KmsSigner, TaskObserver,
 };
 use agentplane::cloud;
+use agentplane::controller::gpu_job::{GpuJobTemplate, JobDispatchQueue};
 use agentplane::controller::operator::{self, OperatorConfig};
 use agentplane::gateway::serve::{self, TlsFiles};
 use agentplane::gateway::{self, AppState, ApproverCredential, GatewayConfig};
@@ -22,7 +23,8 @@ use agentplane::runtime::{audit_origin, close_audit_log};
 use agentplane::store::kubernetes::KubeStore;
 use agentplane::store::{DynStore, TaskStore, hash_secret};
 use agentplane::telemetry;
-use agentplane::worker::{Worker, WorkerConfig};
+use agentplane::worker::one_task::{self, OneTaskQueue};
+use agentplane::worker::{Handled, Worker, WorkerConfig};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +86,11 @@ pub struct OperatorArgs {
     /// URL of the SQS task queue.
     #[arg(long, env = "AGENTPLANE_QUEUE_URL")]
     queue_url: String,
+    /// GPU Job template (YAML: `template` = the pod, `ttlSecondsAfterFinished`, `backoffLimit`,
+    /// `activeDeadlineSeconds`). Given: a task needing GPUs runs as a Job on the GPU pool instead of
+    /// going to SQS. Unset: GPU tasks go to the queue like any other (no GPU pool).
+    #[arg(long, env = "AGENTPLANE_GPU_JOB_TEMPLATE")]
+    gpu_job_template: Option<PathBuf>,
     /// Name of the Lease the operator replicas compete for.
     #[arg(
         long,
@@ -202,12 +209,17 @@ async fn open_operator_audit(
 pub struct WorkerArgs {
     #[command(flatten)]
     common: CommonArgs,
+    /// Run this one task (NAMESPACE/NAME) and exit, instead of consuming the queue: what a GPU
+    /// Job's pod runs. Exits 0 once the task is finished (by this run or before it), 1 when it
+    /// should be retried (the Job's backoffLimit retries it), 2 when there is no such task.
+    #[arg(long, value_parser = parse_task_flag)]
+    task: Option<(String, String)>,
     /// URL of the SQS task queue.
-    #[arg(long, env = "AGENTPLANE_QUEUE_URL")]
-    queue_url: String,
+    #[arg(long, env = "AGENTPLANE_QUEUE_URL", required_unless_present = "task")]
+    queue_url: Option<String>,
     /// URL of its dead-letter queue (tasks whose messages land there are marked Failed).
-    #[arg(long, env = "AGENTPLANE_DLQ_URL")]
-    dlq_url: String,
+    #[arg(long, env = "AGENTPLANE_DLQ_URL", required_unless_present = "task")]
+    dlq_url: Option<String>,
     /// Seconds a received message stays hidden; heartbeats extend it while a task runs.
     #[arg(long, env = "AGENTPLANE_VISIBILITY_TIMEOUT_SECS", default_value_t = 60)]
     visibility_timeout_secs: u64,
@@ -263,6 +275,10 @@ pub struct GatewayArgs {
     /// Seconds a request (body upload included) may take before a 408.
     #[arg(long, env = "AGENTPLANE_REQUEST_TIMEOUT_SECS", default_value_t = 15)]
     request_timeout_secs: u64,
+}
+
+fn parse_task_flag(raw: &str) -> Result<(String, String), String> {
+    one_task::parse_task_ref(raw)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -321,7 +337,25 @@ pub fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
     run_service(&log_format, "agentplane-operator", async move {
         let shutdown = shutdown_on_signal();
         let (client, store) = args.common.store().await?;
-        let queue: DynQueue = SqsQueue::new(args.common.sqs().await, args.queue_url.clone());
+        let sqs: DynQueue = SqsQueue::new(args.common.sqs().await, args.queue_url.clone());
+        let queue: DynQueue = match &args.gpu_job_template {
+            Some(path) => {
+                let template = GpuJobTemplate::read(path)?;
+                tracing::info!(template = %path.display(), "GPU tasks run as Jobs on the GPU pool");
+                Arc::new(JobDispatchQueue::new(
+                    sqs,
+                    client.clone(),
+                    &args.common.namespace,
+                    template,
+                ))
+            }
+            None => {
+                tracing::info!(
+                    "no --gpu-job-template (AGENTPLANE_GPU_JOB_TEMPLATE): GPU tasks go to the worker queue"
+                );
+                sqs
+            }
+        };
         let metrics = Arc::new(Metrics::default());
         // Opened before anything runs: an operator told to keep a log it cannot open must not run
         // unaudited.
@@ -355,6 +389,7 @@ pub fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| OperatorConfig::default().identity),
             lease_duration_secs: args.lease_duration_secs,
             lease_grace_secs: (args.lease_duration_secs / 3).max(1),
+            gpu_jobs: args.gpu_job_template.is_some(),
             ..OperatorConfig::default()
         };
         tracing::info!(namespace = %args.common.namespace, identity = %config.identity, "agentplane operator starting");
@@ -375,9 +410,16 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     run_service(&log_format, "agentplane-worker", async move {
         let shutdown = shutdown_on_signal();
         let (client, store) = args.common.store().await?;
-        let sqs = args.common.sqs().await;
-        let queue: DynQueue = SqsQueue::new(sqs.clone(), args.queue_url.clone());
-        let dead_letters: DynQueue = SqsQueue::new(sqs, args.dlq_url.clone());
+        let (queue, dead_letters): (DynQueue, DynQueue) = match (&args.queue_url, &args.dlq_url) {
+            (Some(queue_url), Some(dlq_url)) if args.task.is_none() => {
+                let sqs = args.common.sqs().await;
+                (
+                    SqsQueue::new(sqs.clone(), queue_url.clone()),
+                    SqsQueue::new(sqs, dlq_url.clone()),
+                )
+            }
+            _ => (Arc::new(OneTaskQueue), Arc::new(OneTaskQueue)),
+        };
         let aws = cloud::aws_config(
             args.common.region.clone(),
             args.common.aws_endpoint_url.clone(),
@@ -390,14 +432,13 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             args.kms_key_id.clone(),
         )?;
         let metrics = Arc::new(Metrics::default());
-        let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
         let store: DynStore = store;
         let worker = Arc::new(Worker {
             store,
             queue,
             dead_letters,
             models,
-            metrics,
+            metrics: metrics.clone(),
             config: WorkerConfig {
                 concurrency: args.workers.max(1),
                 visibility: Duration::from_secs(args.visibility_timeout_secs.clamp(1, 43_200)),
@@ -406,12 +447,37 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 ..WorkerConfig::default()
             },
         });
-        tracing::info!(namespace = %args.common.namespace, queue = %args.queue_url, "agentplane worker starting");
+        if let Some((namespace, name)) = &args.task {
+            return run_one_task(&worker, namespace, name).await;
+        }
+        let metrics_task = start_metrics(&args.common, &metrics, &shutdown).await?;
+        tracing::info!(namespace = %args.common.namespace, queue = ?args.queue_url, "agentplane worker starting");
         worker.run(shutdown.clone()).await;
         shutdown.cancel();
         let _ = metrics_task.await;
         anyhow::Ok(())
     })
+}
+
+/// `agentplane worker --task`: runs the task once and exits with a code the Job understands.
+async fn run_one_task(worker: &Worker, namespace: &str, name: &str) -> anyhow::Result<()> {
+    tracing::info!(task = %format!("{namespace}/{name}"), "running one task");
+    let handled = one_task::run_one(worker, namespace, name)
+        .await
+        .with_context(|| format!("running task {namespace}/{name}"))?;
+    let (code, what) = match handled {
+        None => (2, "no such task"),
+        Some(Handled::Succeeded) => (0, "succeeded"),
+        Some(Handled::Failed) => (0, "failed for good; the reason is in its status"),
+        Some(Handled::Dropped) => (0, "already finished or cancelled: nothing done"),
+        Some(Handled::Released) => (1, "not runnable yet (not queued, suspended, or taken)"),
+        Some(Handled::Retry) => (1, "attempt failed; to be retried"),
+    };
+    println!("task {namespace}/{name}: {what}");
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {

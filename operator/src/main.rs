@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod approve_cmd;
 mod bench;
 mod cloud_cmd;
 mod cloud_models;
@@ -48,6 +49,12 @@ enum Command {
     /// Benchmark of the distributed runtime against a ci/stack.sh stack (ci/bench/runtime).
     #[command(hide = true)]
     ClusterBench(cluster_bench::ClusterBenchArgs),
+    /// List the tasks awaiting an approver's decision (GET /v1/approvals).
+    Approvals(approve_cmd::ApproverArgs),
+    /// Approve a task awaiting approval (or, with --step, that step's pending call).
+    Approve(approve_cmd::DecideArgs),
+    /// Deny a task awaiting approval (or, with --step, that step's pending call).
+    Deny(approve_cmd::DecideArgs),
     /// Tamper-evident audit log tools: verify a log offline, print inclusion/consistency proofs.
     Audit(agentplane::audit::cli::AuditArgs),
 }
@@ -73,6 +80,9 @@ fn main() -> anyhow::Result<()> {
         Command::DevClient(args) => dev::run_client(args)?,
         Command::DevBench(args) => bench::run(args)?,
         Command::ClusterBench(args) => cluster_bench::run(args)?,
+        Command::Approvals(args) => approve_cmd::list(args)?,
+        Command::Approve(args) => approve_cmd::decide(args, true)?,
+        Command::Deny(args) => approve_cmd::decide(args, false)?,
         Command::Audit(args) => std::process::exit(agentplane::audit::cli::run(args)),
     }
     Ok(())

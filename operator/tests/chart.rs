@@ -463,6 +463,79 @@ fn renders_defaults() {
     );
 }
 
+const GPU_SETS: &[&str] = &[
+    "gpu.jobs.enabled=true",
+    "gpu.jobs.nodeSelector.agentplane\\.dev/pool=gpu",
+    "gpu.jobs.activeDeadlineSeconds=1800",
+];
+
+/// The GPU Job template the chart rendered, read the way the operator reads it.
+fn gpu_template(dir: &Path, objs: &[Value]) -> agentplane::controller::gpu_job::GpuJobTemplate {
+    let cm = find(objs, "ConfigMap", "agentplane-gpu-job");
+    let path = dir.join("gpu-job.yaml");
+    std::fs::write(&path, cm["data"]["gpu-job.yaml"].as_str().unwrap()).unwrap();
+    agentplane::controller::gpu_job::GpuJobTemplate::read(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn renders_gpu_jobs() {
+    let home = tempfile::tempdir().unwrap();
+    let off = template(home.path(), "agentplane", &[], &[]);
+    assert!(
+        !off.iter()
+            .any(|o| o["metadata"]["name"] == "agentplane-gpu-job"),
+        "GPU Job template rendered by default"
+    );
+    let objs = template(home.path(), "agentplane", &[], GPU_SETS);
+    check_invariants(&objs);
+    let t = gpu_template(home.path(), &objs);
+    assert_eq!(t.active_deadline_seconds, Some(1800));
+    let job = t.job_for("agentplane", "t-1", "uid", 3);
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("agentplane-worker")
+    );
+    assert_eq!(pod.node_selector.unwrap()["agentplane.dev/pool"], "gpu");
+    assert_eq!(
+        pod.tolerations.unwrap()[0].key.as_deref(),
+        Some("nvidia.com/gpu")
+    );
+    let worker = &pod.containers[0];
+    assert_eq!(
+        worker.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0,
+        "3"
+    );
+    let env: BTreeMap<String, String> = worker
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(env["AGENTPLANE_NAMESPACE"], "agentplane");
+    assert!(
+        !env.contains_key("AGENTPLANE_QUEUE_URL"),
+        "the pod needs no queue"
+    );
+    let operator = operator_workload(&objs);
+    let container = &operator["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_of(container)["AGENTPLANE_GPU_JOB_TEMPLATE"],
+        "/etc/agentplane/gpu/gpu-job.yaml"
+    );
+    let role = find(&objs, "Role", "agentplane-operator");
+    let jobs_rule = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["apiGroups"] == json!(["batch"]))
+        .expect("the operator may manage Jobs");
+    assert_eq!(
+        jobs_rule["verbs"],
+        json!(["create", "get", "list", "watch"])
+    );
+}
+
 #[test]
 fn renders_composition_values() {
     let home = tempfile::tempdir().unwrap();
@@ -837,6 +910,7 @@ async fn rendered_objects_apply_cleanly() {
             "KEDA and every option",
             template(home.path(), &ns, &[&file], &keda_sets),
         ),
+        ("GPU Jobs", template(home.path(), &ns, &[&file], GPU_SETS)),
         (
             "audit log, local key",
             template(home.path(), &ns, &[&file], &["operator.audit.enabled=true"]),
@@ -845,10 +919,25 @@ async fn rendered_objects_apply_cleanly() {
             "audit log, KMS key and storage class",
             template(home.path(), &ns, &[&file], &audit_sets),
         ),
+        ("GPU Jobs", template(home.path(), &ns, &[&file], GPU_SETS)),
     ];
 
     let mut errors = Vec::new();
     let mut applied = 0;
+    // The Job the operator would make from the rendered GPU template, dry-run applied too: the
+    // template's pod must be one kube-apiserver accepts.
+    let gpu_objs = &renderings.iter().find(|(l, _)| *l == "GPU Jobs").unwrap().1;
+    let job = serde_json::to_value(
+        gpu_template(home.path(), gpu_objs).job_for(&ns, "t-1", "0000-uid", 2),
+    )
+    .unwrap();
+    let mut job = job;
+    job["apiVersion"] = json!("batch/v1");
+    job["kind"] = json!("Job");
+    job["metadata"]["ownerReferences"] = json!([]);
+    if let Err(e) = dry_run_apply(&client, &discovery, &job).await {
+        errors.push(format!("[GPU Job] {e}"));
+    }
     for (label, objs) in &renderings {
         check_invariants(objs);
         for obj in objs {
@@ -904,7 +993,10 @@ async fn rendered_objects_apply_cleanly() {
 
     let keda = &renderings[2].1;
     assert!(!of_kind(keda, "ScaledObject").is_empty());
-    for (_, audited) in &renderings[3..] {
+    for (_, audited) in renderings
+        .iter()
+        .filter(|(l, _)| l.starts_with("audit log"))
+    {
         find(audited, "StatefulSet", "agentplane-operator");
     }
     assert!(applied >= 80, "only {applied} objects were dry-run applied");

@@ -813,3 +813,154 @@ async fn a_device_rotates_its_key_and_only_a_holder_of_both_keys_can() {
     );
     h.rt.stop().await;
 }
+
+/// `agentplane approvals|approve|deny` run as processes against this gateway.
+async fn approver_cli(h: &Harness, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_agentplane"))
+        .args(args)
+        .env("AGENTPLANE_GATEWAY", h.rt.base_url())
+        .env("AGENTPLANE_APPROVER_TOKEN", APPROVER_TOKEN)
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvers_list_what_waits_and_decide_from_the_cli() {
+    let h = start().await;
+    let d = enrolled(&h, "kiosk-1", JOIN_TOKENS[0]).await;
+    let waiting = h
+        .client
+        .submit(
+            &d.sign(&d.intent(1, "purchase", "two tickets to Lisbon"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_phase(&h, &d, &waiting.task_id, TaskPhase::AwaitingApproval).await;
+    let runs = h
+        .client
+        .submit(&d.sign(&d.intent(2, "summarize", "needs nobody")).unwrap())
+        .await
+        .unwrap();
+    wait_terminal(&h, &d, &runs.task_id).await;
+
+    // Only approvers list approvals.
+    let (status, body) = api_error(h.client.approvals("wrong-token").await);
+    assert_eq!((status, body.error.code.as_str()), (401, "bad_credentials"));
+    let signed = h
+        .client
+        .http
+        .get(format!("{}/v1/approvals", h.rt.base_url()))
+        .header(
+            "authorization",
+            d.read_auth("GET", "/v1/approvals", jiff::Timestamp::now().as_second()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 403, "a device is not an approver");
+
+    let list = h.client.approvals(APPROVER_TOKEN).await.unwrap();
+    assert_eq!(list.pending.len(), 1, "{list:?}");
+    let p = &list.pending[0];
+    assert_eq!(
+        (
+            p.task_id.as_str(),
+            p.device_id.as_str(),
+            p.intent_type.as_str(),
+            p.prompt.as_str()
+        ),
+        (
+            waiting.task_id.as_str(),
+            "kiosk-1",
+            "purchase",
+            "two tickets to Lisbon"
+        )
+    );
+    assert!(p.waiting_since.is_some() && p.step.is_none());
+
+    // The CLI lists it too.
+    let out = approver_cli(&h, &["approvals"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&waiting.task_id) && stdout.contains("two tickets"),
+        "{stdout}"
+    );
+
+    // A decision naming a step the task is not waiting at is refused, by the CLI and the API.
+    let out = approver_cli(&h, &["approve", &waiting.task_id, "--step", "2"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("not waiting for approval at step 2"),
+        "{stderr}"
+    );
+    let (status, body) = api_error(
+        h.client
+            .decide_with(
+                APPROVER_TOKEN,
+                &waiting.task_id,
+                true,
+                &agentplane_api::wire::ApprovalRequest {
+                    step: Some(2),
+                    ..Default::default()
+                },
+            )
+            .await,
+    );
+    assert_eq!((status, body.error.code.as_str()), (409, "step_mismatch"));
+    assert_eq!(
+        h.client.task(&d, &waiting.task_id).await.unwrap().phase,
+        TaskPhase::AwaitingApproval
+    );
+
+    // Approved from the CLI: it runs, and nothing is left waiting.
+    let out = approver_cli(
+        &h,
+        &["approve", &waiting.task_id, "--comment", "from the CLI"],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Approved by admin"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = wait_terminal(&h, &d, &waiting.task_id).await;
+    assert_eq!(done.phase, TaskPhase::Succeeded);
+    assert_eq!(
+        done.approval.unwrap().comment.as_deref(),
+        Some("from the CLI")
+    );
+    assert!(
+        h.client
+            .approvals(APPROVER_TOKEN)
+            .await
+            .unwrap()
+            .pending
+            .is_empty()
+    );
+
+    // Denied from the CLI.
+    let denied = h
+        .client
+        .submit(&d.sign(&d.intent(3, "purchase", "a yacht")).unwrap())
+        .await
+        .unwrap();
+    wait_phase(&h, &d, &denied.task_id, TaskPhase::AwaitingApproval).await;
+    let out = approver_cli(&h, &["deny", &denied.task_id]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = wait_terminal(&h, &d, &denied.task_id).await;
+    assert_eq!(done.phase, TaskPhase::Denied);
+    h.rt.stop().await;
+}

@@ -14,6 +14,7 @@
 //! the rebuild reads. A task held by a rate limit gets `Admitted=False` (`RateLimited`) once and is
 //! reconciled again when the window has room.
 
+pub mod gpu_job;
 pub mod operator;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -141,9 +142,46 @@ async fn step(
             let Some(approval) = &task.status.approval else {
                 return Ok(Outcome::Unchanged.into());
             };
+            // Whoever wrote the decision, it counts only if its approver is one of the policy's
+            // approvers now, at decision time (the list may have changed since the gateway checked).
+            let policy = store.get_policy().await?.unwrap_or_default();
+            if !policy::is_approver(&policy, &approval.approver) {
+                let why = format!(
+                    "decision by {:?} refused: not an approver in the AgentPolicy",
+                    approval.approver
+                );
+                return Ok(refuse_decision(store, task, "NotAnApprover", &why)
+                    .await?
+                    .into());
+            }
+            // A plan waits at one tool call: the decision must name that step and those exact
+            // arguments (a decision about other arguments, or a task-level one, is not about it).
+            if let Some(pending) = &task.status.pending_approval
+                && !approval.covers(pending)
+            {
+                let why = format!(
+                    "decision by {:?} refused: it is about step {:?} with arguments {:?}, but step {} ({}/{}) waits with arguments {}",
+                    approval.approver,
+                    approval.step,
+                    approval.args_digest,
+                    pending.step,
+                    pending.server,
+                    pending.tool,
+                    pending.args_digest
+                );
+                return Ok(refuse_decision(store, task, "DecisionMismatch", &why)
+                    .await?
+                    .into());
+            }
             let outcome = match approval.decision {
                 ApprovalDecision::Denied => {
-                    let reason = format!("denied by approver {}", approval.approver);
+                    let reason = match &task.status.pending_approval {
+                        Some(p) => format!(
+                            "denied by approver {} at step {} ({}/{})",
+                            approval.approver, p.step, p.server, p.tool
+                        ),
+                        None => format!("denied by approver {}", approval.approver),
+                    };
                     finish(store, task, TaskPhase::Denied, &reason).await
                 }
                 ApprovalDecision::Approved => {
@@ -177,6 +215,35 @@ async fn step(
         // Queued and Running belong to the workers.
         _ => Ok(Outcome::Unchanged.into()),
     }
+}
+
+/// Drops a decision that does not count (an approver not in the policy's `approvers`, or a decision
+/// about another call than the pending one): the task keeps waiting, and `Approved=False` with
+/// `reason` says whose decision was refused and why.
+async fn refuse_decision(
+    store: &dyn TaskStore,
+    task: &TaskRecord,
+    reason: &str,
+    message: &str,
+) -> Result<Outcome, ControllerError> {
+    let mut status = task.status.clone();
+    status.approval = None;
+    set_condition(
+        &mut status.conditions,
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: crate::store::CONDITION_APPROVED.to_owned(),
+            status: "False".to_owned(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            ),
+            observed_generation: None,
+        },
+    );
+    write_status(store, task, status).await?;
+    tracing::warn!(task = %task.id, reason, message, "approval refused");
+    Ok(Outcome::Unchanged)
 }
 
 /// Whether the policy has anything a ledger counts for (rate limits or budgets).
@@ -378,6 +445,12 @@ async fn enqueue(
     // worker's handling is its child.
     let span = tracing::info_span!("controller.enqueue", otel.kind = "producer", task = %task.id);
     let mut attributes = BTreeMap::from([(ATTR_TASK_ID.to_owned(), task.id.clone())]);
+    // The display copy was checked against the signed payload at admission. A queue that can place
+    // work on a GPU pool (the operator's Job dispatch) reads this; a plain queue just carries it.
+    let gpus = task.spec.required_resources.gpu;
+    if gpus > 0 {
+        attributes.insert(gpu_job::ATTR_GPUS.to_owned(), gpus.to_string());
+    }
     if let Some(trace_id) = &task.status.trace_id {
         telemetry::join_trace(&span, trace_id, None);
         if let Some(tp) = telemetry::hop_traceparent(&span, trace_id) {
@@ -419,7 +492,7 @@ async fn deny(
     })
 }
 
-async fn finish(
+pub(crate) async fn finish(
     store: &dyn TaskStore,
     task: &TaskRecord,
     phase: TaskPhase,
@@ -750,6 +823,8 @@ mod tests {
                     period_seconds: 3600,
                 }],
                 on_rate_limit: action,
+                tools: vec![],
+                max_steps: None,
             });
             store.put_policy(policy).await.unwrap();
             let device = DeviceIdentity::generate("kiosk-1").unwrap();
@@ -774,6 +849,40 @@ mod tests {
             }
         }
 
+        /// `summarize` needs approval, and alice is the one approver.
+        async fn awaiting_alices_approval() -> Fixture {
+            let f = Fixture::new(RateLimitAction::Deny).await;
+            let mut policy = f.store.get_policy().await.unwrap().unwrap();
+            for rule in policy.intents.iter_mut().filter(|r| r.kind == "summarize") {
+                rule.requires_approval = true;
+                rule.rate_limits.clear();
+            }
+            policy.approvers = vec!["alice".into()];
+            f.store.put_policy(policy).await.unwrap();
+            f
+        }
+
+        /// A task whose decision was dropped: still waiting, no approval, and its `Approved` condition.
+        async fn refused(
+            &self,
+            id: &str,
+        ) -> (
+            TaskRecord,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+        ) {
+            let waiting = self.store.get_task(id).await.unwrap().unwrap();
+            assert_eq!(waiting.phase(), TaskPhase::AwaitingApproval);
+            assert!(waiting.status.approval.is_none());
+            let cond = waiting
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Approved")
+                .unwrap()
+                .clone();
+            (waiting, cond)
+        }
+
         async fn task(&mut self) -> TaskRecord {
             self.seq += 1;
             let payload = self.device.intent(self.seq, "summarize", "hi");
@@ -789,6 +898,137 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_decision_by_someone_not_in_the_approvers_is_refused_at_decision_time() {
+        let mut f = Fixture::awaiting_alices_approval().await;
+        let task = f.task().await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &task).await.unwrap(),
+            Outcome::Moved(TaskPhase::AwaitingApproval)
+        );
+        let decide = |who: &str| agentplane_api::task::Approval {
+            decision: ApprovalDecision::Approved,
+            approver: who.into(),
+            decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+            comment: None,
+            step: None,
+            args_digest: None,
+        };
+        // Written around the gateway (or by a component that should not decide): refused.
+        let parked = f.store.get_task(&task.id).await.unwrap().unwrap();
+        let mut status = parked.status.clone();
+        status.approval = Some(decide("mallory"));
+        let forged = write_status(&*f.store, &parked, status).await.unwrap();
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &forged).await.unwrap(),
+            Outcome::Unchanged
+        );
+        let (waiting, cond) = f.refused(&task.id).await;
+        assert_eq!(
+            (cond.status.as_str(), cond.reason.as_str()),
+            ("False", "NotAnApprover")
+        );
+        assert!(cond.message.contains("mallory"), "{}", cond.message);
+        // The policy's approver's decision goes through.
+        let mut status = waiting.status.clone();
+        status.approval = Some(decide("alice"));
+        let approved = write_status(&*f.store, &waiting, status).await.unwrap();
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &approved).await.unwrap(),
+            Outcome::Moved(TaskPhase::Queued)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_step_decision_counts_only_for_the_pending_call_and_a_denial_names_the_step() {
+        use agentplane_api::task::{PendingApproval, args_digest};
+        let mut f = Fixture::awaiting_alices_approval().await;
+        let args = |path: &str| {
+            serde_json::json!({"path": path})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let task = f.task().await;
+            reconcile(&*f.store, &*f.queue, &task).await.unwrap();
+            // The plan stopped at step 3, a destructive tool call (as the worker records it).
+            let parked = f.store.get_task(&task.id).await.unwrap().unwrap();
+            let mut status = parked.status.clone();
+            status.pending_approval = Some(PendingApproval {
+                step: 3,
+                server: "files".into(),
+                tool: "delete".into(),
+                arguments: args("/tmp/a"),
+                args_digest: args_digest(&args("/tmp/a")),
+                requested_at: None,
+            });
+            write_status(&*f.store, &parked, status).await.unwrap();
+            ids.push(task.id);
+        }
+        let decide = |decision, digest: String| agentplane_api::task::Approval {
+            decision,
+            approver: "alice".into(),
+            decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+            comment: None,
+            step: Some(3),
+            args_digest: Some(digest),
+        };
+        let record = |id: &str, approval| {
+            let store = f.store.clone();
+            let id = id.to_owned();
+            async move {
+                let t = store.get_task(&id).await.unwrap().unwrap();
+                let mut status = t.status.clone();
+                status.approval = Some(approval);
+                write_status(&*store, &t, status).await.unwrap()
+            }
+        };
+        // Approving other arguments than the pending call's: refused, still waiting.
+        let other = record(
+            &ids[0],
+            decide(ApprovalDecision::Approved, args_digest(&args("/etc"))),
+        )
+        .await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &other).await.unwrap(),
+            Outcome::Unchanged
+        );
+        let (_, cond) = f.refused(&ids[0]).await;
+        assert_eq!(cond.reason, "DecisionMismatch");
+        // The exact call: approved, back to the queue.
+        let exact = record(
+            &ids[0],
+            decide(ApprovalDecision::Approved, args_digest(&args("/tmp/a"))),
+        )
+        .await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &exact).await.unwrap(),
+            Outcome::Moved(TaskPhase::Queued)
+        );
+        // Denied: the reason names the step and the tool.
+        let denied = record(
+            &ids[1],
+            decide(ApprovalDecision::Denied, args_digest(&args("/tmp/a"))),
+        )
+        .await;
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &denied).await.unwrap(),
+            Outcome::Moved(TaskPhase::Denied)
+        );
+        let reason = f
+            .store
+            .get_task(&ids[1])
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .reason
+            .unwrap();
+        assert_eq!(reason, "denied by approver alice at step 3 (files/delete)");
     }
 
     #[tokio::test]

@@ -12,8 +12,10 @@ use std::time::Duration;
 use agentplane_api::TaskPhase;
 use agentplane_api::task::{AgentTask, TRACEPARENT_ANNOTATION};
 use futures::StreamExt as _;
+use k8s_openapi::api::batch::v1::Job;
 use kube::Client;
 use kube::Resource as _;
+use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
@@ -22,7 +24,8 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::{ControllerError, Outcome, governs, reconcile, reconcile_with_ledger};
+use super::gpu_job::{self, JOB_MESSAGE_PREFIX, JobOutcome, TASK_LABEL};
+use super::{ControllerError, Outcome, finish, governs, reconcile, reconcile_with_ledger};
 use crate::audit::{LogError, ObservedStore, TaskObserver};
 use crate::metrics::Metrics;
 use crate::policy::ledger::Ledger;
@@ -48,6 +51,9 @@ pub struct OperatorConfig {
     /// Records every task state this replica observes while leading, and its own writes (see
     /// `audit::observer`). `None`: no audit log.
     pub audit: Option<Arc<TaskObserver>>,
+    /// GPU tasks run as Jobs (the queue given to [`run`] is a `gpu_job::JobDispatchQueue`): watch
+    /// those Jobs and fail a task whose Job failed or disappeared.
+    pub gpu_jobs: bool,
 }
 
 impl Default for OperatorConfig {
@@ -61,6 +67,7 @@ impl Default for OperatorConfig {
             lease_duration_secs: 15,
             lease_grace_secs: 5,
             audit: None,
+            gpu_jobs: false,
         }
     }
 }
@@ -90,6 +97,8 @@ struct Context {
     metrics: Arc<Metrics>,
     recorder: Recorder,
     requeue: Duration,
+    /// The namespace's Jobs, when GPU tasks run as Jobs.
+    jobs: Option<Api<Job>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +149,11 @@ pub async fn run(
         Some(observer) => ObservedStore::new(store.clone(), observer.clone()),
         None => store.clone(),
     };
+    let jobs = config
+        .gpu_jobs
+        .then(|| Api::namespaced(client.clone(), store.namespace()));
     let ctx = Arc::new(Context {
+        jobs,
         ledger: tokio::sync::Mutex::new(Ledger::default()),
         store,
         writes,
@@ -235,7 +248,12 @@ async fn load_ledger(ctx: Arc<Context>, stop: CancellationToken) {
 
 async fn controller(ctx: Arc<Context>, concurrency: u16, stop: CancellationToken) {
     let api = ctx.store.tasks_api().clone();
-    Controller::new(api, watcher::Config::default())
+    let mut tasks = Controller::new(api, watcher::Config::default());
+    if let Some(jobs) = &ctx.jobs {
+        // A GPU Job's status change (failed, completed) wakes its owner task's reconcile.
+        tasks = tasks.owns(jobs.clone(), watcher::Config::default().labels(TASK_LABEL));
+    }
+    tasks
         .with_config(controller::Config::default().concurrency(concurrency.max(1)))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile_task, error_policy, ctx)
@@ -308,7 +326,9 @@ async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError>
                 .map_err(ControllerError::from)?
                 .as_ref(),
         );
-    let result = if governed {
+    let result = if let Some(outcome) = check_gpu_job(&task, ctx, store).await? {
+        Ok(outcome)
+    } else if governed {
         let mut ledger = ctx.ledger.lock().await;
         let r = reconcile_with_ledger(store, &*ctx.queue, &task, &mut ledger).await;
         r.map(|(outcome, decision)| {
@@ -347,6 +367,44 @@ async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError>
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// A GPU task out on its Job: fails the task when the Job failed (backoffLimit or deadline), was
+/// deleted, or completed without the task reaching a terminal phase (the pod writes the result
+/// before it exits 0). `None`: not a GPU task on a Job, or its Job is still going. The write is
+/// conditional on the version read, so a pod that completes the task meanwhile wins.
+async fn check_gpu_job(
+    task: &crate::store::TaskRecord,
+    ctx: &Context,
+    store: &dyn TaskStore,
+) -> Result<Option<Outcome>, ReconcileError> {
+    let Some(jobs) = &ctx.jobs else {
+        return Ok(None);
+    };
+    let on_job = task
+        .status
+        .queue
+        .as_ref()
+        .and_then(|q| q.message_id.as_deref())
+        .is_some_and(|m| m.starts_with(JOB_MESSAGE_PREFIX));
+    if !on_job || !matches!(task.phase(), TaskPhase::Queued | TaskPhase::Running) {
+        return Ok(None);
+    }
+    let name = gpu_job::job_name(&task.id);
+    let outcome = gpu_job::job_outcome(jobs, &task.id).await.map_err(|e| {
+        ControllerError::from(StoreError::Backend(format!("reading Job {name}: {e}")))
+    })?;
+    let reason = match outcome {
+        JobOutcome::Active => return Ok(None),
+        JobOutcome::Failed(why) => format!("gpu_job_failed: Job {name} failed: {why}"),
+        JobOutcome::Missing => {
+            format!("gpu_job_missing: Job {name} is gone but the task never finished")
+        }
+        JobOutcome::Complete => {
+            format!("gpu_job_incomplete: Job {name} completed without finishing the task")
+        }
+    };
+    Ok(Some(finish(store, task, TaskPhase::Failed, &reason).await?))
 }
 
 /// The task is being deleted: account for it, then let it go. A queued message for it is dropped by

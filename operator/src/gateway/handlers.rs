@@ -8,7 +8,8 @@ use agentplane_api::envelope::parse_public_key;
 use agentplane_api::intent::check_dns_label;
 use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision};
 use agentplane_api::wire::{
-    ApprovalRequest, EnrollRequest, EnrollResponse, SubmitResponse, TRACEPARENT_HEADER, TaskView,
+    ApprovalList, ApprovalRequest, EnrollRequest, EnrollResponse, PendingApproval, SubmitResponse,
+    TRACEPARENT_HEADER, TaskView,
 };
 use agentplane_api::{Envelope, TaskPhase};
 use axum::Json;
@@ -386,17 +387,14 @@ pub async fn deny(
     .await
 }
 
-/// Records an approver's decision on a task in AwaitingApproval; the controller then moves it.
-async fn decide(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    decision: ApprovalDecision,
-) -> Result<Json<TaskView>, ApiError> {
-    let who = authenticate(&state, &method, &uri, &headers).await?;
+/// The caller, who must be an approver with a gateway credential and in the policy's `approvers`.
+async fn approver_of(
+    state: &AppState,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
+    let who = authenticate(state, method, uri, headers).await?;
     let Principal::Approver(approver) = who else {
         return Err(ApiError::forbidden(
             "not_an_approver",
@@ -410,6 +408,62 @@ async fn decide(
             format!("{approver:?} is not an approver in the AgentPolicy"),
         ));
     }
+    Ok(approver)
+}
+
+/// What an approver is asked to allow for a task waiting for a decision.
+fn pending_approval(t: &TaskRecord) -> PendingApproval {
+    let payload = t.spec.envelope.peek_intent().ok();
+    // A plan waiting at a tool call; absent, the task-level approval its intent rule asks for.
+    let call = t.status.pending_approval.as_ref();
+    PendingApproval {
+        task_id: t.id.clone(),
+        device_id: t.spec.device_ref.name.clone(),
+        user_id: t.spec.user_id.clone(),
+        intent_type: t.spec.intent_type.clone(),
+        prompt: payload.map(|p| p.intent.prompt).unwrap_or_default(),
+        model: t.status.model.clone(),
+        waiting_since: crate::store::admitted_at(&t.status).map(|at| at.to_string()),
+        step: call.map(|c| c.step),
+        server: call.map(|c| c.server.clone()),
+        tool: call.map(|c| c.tool.clone()),
+        arguments: call.map(|c| serde_json::Value::Object(c.arguments.clone())),
+        args_digest: call.map(|c| c.args_digest.clone()),
+    }
+}
+
+/// `GET /v1/approvals`: every task awaiting a decision, oldest first.
+pub async fn list_approvals(
+    State(state): State<AppState>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Result<Json<ApprovalList>, ApiError> {
+    approver_of(&state, &method, &uri, &headers).await?;
+    let mut waiting: Vec<TaskRecord> = state
+        .store
+        .list_unfinished()
+        .await?
+        .into_iter()
+        .filter(|t| t.phase() == TaskPhase::AwaitingApproval && t.status.approval.is_none())
+        .collect();
+    waiting.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    Ok(Json(ApprovalList {
+        pending: waiting.iter().map(pending_approval).collect(),
+    }))
+}
+
+/// Records an approver's decision on a task in AwaitingApproval; the controller then moves it.
+async fn decide(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    decision: ApprovalDecision,
+) -> Result<Json<TaskView>, ApiError> {
+    let approver = approver_of(&state, &method, &uri, &headers).await?;
     // The body is optional: an empty body means no comment.
     let has_body = body.as_ref().map(|b| !b.is_empty()).unwrap_or(true);
     let request: ApprovalRequest = if has_body {
@@ -439,12 +493,38 @@ async fn decide(
                 format!("task is {} and not awaiting a decision", task.phase()),
             ));
         }
+        let pending = pending_approval(&task);
+        if request.step != pending.step {
+            return Err(ApiError::conflict(
+                "step_mismatch",
+                match (request.step, pending.step) {
+                    (Some(asked), None) => format!(
+                        "the decision names step {asked}, but the task awaits a task-level approval"
+                    ),
+                    (None, Some(waiting)) => {
+                        format!("the task awaits approval of step {waiting}; send --step {waiting}")
+                    }
+                    (asked, waiting) => format!(
+                        "the decision names step {asked:?}, but the task waits at step {waiting:?}"
+                    ),
+                },
+            ));
+        }
+        if request.args_digest.is_some() && request.args_digest != pending.args_digest {
+            return Err(ApiError::conflict(
+                "args_mismatch",
+                "the arguments you decided on are not the pending call's; list approvals again",
+            ));
+        }
         let mut status = task.status.clone();
         status.approval = Some(Approval {
             decision,
             approver: approver.clone(),
             decided_at: Time(jiff::Timestamp::now()),
             comment: request.comment.clone(),
+            // The call decided on: the one just checked to be pending (same step, same digest).
+            step: pending.step,
+            args_digest: pending.args_digest.clone(),
         });
         match write_status(&*state.store, &task, status).await {
             Ok(t) => {

@@ -125,6 +125,7 @@ pub fn routes() -> Vec<(
             &["post"],
             post(handlers::cancel_task),
         ),
+        ("/v1/approvals", &["get"], get(handlers::list_approvals)),
         ("/v1/tasks/{id}/approve", &["post"], post(handlers::approve)),
         ("/v1/tasks/{id}/deny", &["post"], post(handlers::deny)),
         ("/v1/devices/enroll", &["post"], post(handlers::enroll)),

@@ -66,6 +66,11 @@ pub fn document() -> Value {
                 "security": read_security,
                 "responses": merge(ok("202", "TaskView"), error_responses(&["401", "403", "404", "409", "503"]))
             }},
+            "/v1/approvals": {"get": {
+                "summary": "Tasks awaiting an approver's decision, oldest first, with what each asks to allow",
+                "security": [{"approverToken": []}],
+                "responses": merge(ok("200", "ApprovalList"), error_responses(&["401", "403", "503"]))
+            }},
             "/v1/tasks/{id}/approve": {"post": approval_op("Approve a task awaiting approval")},
             "/v1/tasks/{id}/deny": {"post": approval_op("Deny a task awaiting approval")},
             "/v1/devices/enroll": {"post": {
@@ -152,7 +157,17 @@ fn schemas() -> Value {
             "retireSigningKeyAfterSecs": {"type": "integer", "minimum": 0, "maximum": agentplane_api::wire::MAX_RETIRE_AFTER_SECS}}},
         "AddKeyResponse": {"type": "object", "required": ["deviceId", "keyIds", "alreadyRegistered"], "properties": {
             "deviceId": {"type": "string"}, "keyIds": {"type": "array", "items": {"type": "string"}}, "alreadyRegistered": {"type": "boolean"}}},
-        "ApprovalRequest": {"type": "object", "properties": {"comment": {"type": "string"}}},
+        "ApprovalRequest": {"type": "object", "properties": {"comment": {"type": "string", "maxLength": 1024},
+            "step": {"type": "integer", "minimum": 0, "description": "the plan step decided on; absent: the task-level approval"},
+            "argsDigest": {"type": "string", "description": "digest of the pending call's arguments as listed"}}},
+        "ApprovalList": {"type": "object", "required": ["pending"], "properties": {"pending": {"type": "array", "items": {
+            "type": "object", "required": ["taskId", "deviceId", "userId", "intentType", "prompt"], "properties": {
+                "taskId": {"type": "string"}, "deviceId": {"type": "string"}, "userId": {"type": "string"},
+                "intentType": {"type": "string"}, "prompt": {"type": "string"},
+                "model": {"type": "object", "properties": {"requested": {"type": "string"}, "selected": {"type": "string"}, "tier": {"type": "integer"}}},
+                "waitingSince": {"type": "string", "format": "date-time"},
+                "step": {"type": "integer"}, "server": {"type": "string"}, "tool": {"type": "string"},
+                "arguments": {}, "argsDigest": {"type": "string"}}}}}},
         "ErrorBody": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
             "code": {"type": "string"}, "message": {"type": "string"}, "serverTime": {"type": "integer"}, "retryAfterSecs": {"type": "integer"}}}}}
     })

@@ -177,7 +177,7 @@ pub fn fit_tier(
 ) -> Result<TierChoice, String> {
     let subject = Subject::of(payload);
     let level = payload.privacy_level;
-    let needs_gpu = payload.required_resources.gpu;
+    let needs_gpu = payload.required_resources.needs_gpu();
     let mut first_block: Option<Blocked> = None;
     let mut last: Option<(String, Blocked)> = None;
     let eligible = policy

@@ -177,7 +177,7 @@ pub fn select_tier(
         },
     };
     let level = payload.privacy_level;
-    let needs_gpu = payload.required_resources.gpu;
+    let needs_gpu = payload.required_resources.needs_gpu();
     policy
         .models
         .iter()
@@ -236,6 +236,8 @@ mod tests {
             privacy_levels: vec![],
             rate_limits: vec![],
             on_rate_limit: RateLimitAction::Deny,
+            tools: vec![],
+            max_steps: None,
         }
     }
 
@@ -413,7 +415,7 @@ mod tests {
         let t = select_tier(&pol, &p).unwrap();
         assert_eq!((t.index, t.name.as_str()), (1, "medium"));
         assert_eq!(t.selection().requested.as_deref(), Some("medium"));
-        p.required_resources.gpu = true;
+        p.required_resources.gpu = 1;
         assert!(
             select_tier(&pol, &p).is_err(),
             "no GPU tier at or below medium"
@@ -586,7 +588,7 @@ mod tests {
         let mut gpu_pol = budget_policy(50);
         gpu_pol.models[0].gpu = true;
         let mut gpu = budget_payload(PrivacyLevel::Public);
-        gpu.required_resources.gpu = true;
+        gpu.required_resources.gpu = 1;
         assert!(matches!(
             super::evaluate(Some(&gpu_pol), &device(), &gpu, &ledger, now()),
             Decision::Deny {

@@ -7,6 +7,8 @@
 //! go back to the queue; the queue's redrive moves a message that failed too often to the dead-letter
 //! queue, whose reaper marks the task Failed with the last error.
 
+pub mod one_task;
+
 use std::sync::Arc;
 use std::time::Duration;
 

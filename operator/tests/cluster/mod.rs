@@ -107,6 +107,8 @@ pub fn policy() -> AgentPolicySpec {
         privacy_levels: vec![],
         rate_limits: vec![],
         on_rate_limit: RateLimitAction::Deny,
+        tools: vec![],
+        max_steps: None,
     };
     let tier = |name: &str, endpoint: &str| ModelTier {
         name: name.into(),
@@ -130,6 +132,7 @@ pub fn policy() -> AgentPolicySpec {
         ],
         budgets: vec![],
         approvers: vec![APPROVER.into()],
+        ..Default::default()
     }
 }
 
@@ -230,6 +233,29 @@ impl Cluster {
                 ("AGENTPLANE_CONCURRENCY", "8".into()),
             ],
         )
+    }
+
+    /// An operator with extra environment (e.g. `AGENTPLANE_GPU_JOB_TEMPLATE`).
+    pub fn operator_with(&self, identity: &str, extra: &[(&str, String)]) -> Proc {
+        let mut env = vec![
+            ("AGENTPLANE_POD_NAME", identity.to_owned()),
+            ("AGENTPLANE_LEASE_DURATION_SECS", "4".into()),
+            ("AGENTPLANE_CONCURRENCY", "8".into()),
+        ];
+        env.extend(extra.iter().cloned());
+        self.spawn("operator", identity, &env)
+    }
+
+    /// `agentplane <args>` with this cluster's environment, to run to completion (e.g. the one-task
+    /// worker a GPU Job's pod runs); stdout and stderr are piped.
+    pub fn run_command(&self, args: &[String]) -> Command {
+        let (mut cmd, _log, _metrics) = self.command(&args[0], "oneshot", &[]);
+        cmd.args(&args[1..])
+            .env_remove("AGENTPLANE_QUEUE_URL")
+            .env_remove("AGENTPLANE_DLQ_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
     }
 
     pub fn worker(&self, name: &str) -> Proc {
