@@ -27,8 +27,12 @@ FN_AUTO_READY_VERSION=v0.7.0
 HELM_VERSION=v3.22.0
 PLAYWRIGHT_VERSION=1.65.1
 CARGO_DEB_VERSION=3.8.0
+# Container image test (xtask images): a real OCI registry and an independent client.
+REGISTRY_VERSION=v3.1.2
+CRANE_VERSION=v0.22.1
 
 ALL_PEERS=(moto schemathesis chromium playwright-core cargo-deb etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
+ALL_PEERS+=(registry crane)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
 # module downloads and compiled packages of the others.
@@ -201,6 +205,18 @@ build_helm() {
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 }
 
+# The distribution registry (the reference OCI registry, `registry serve CONFIG`) and crane
+# (go-containerregistry's CLI): the image test pushes with one and pulls by digest, so the layout
+# our builder writes is checked by code that is not ours. Both modules build as published.
+build_registry() {
+  go_install_build "$1" registry "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION" \
+    "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
+}
+
+build_crane() {
+  go_install_build "$1" crane "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
+}
+
 # peer_info NAME -> "VERSION BINARY ENVVAR"
 peer_info() {
   case $1 in
@@ -217,6 +233,8 @@ peer_info() {
     fn-patch-and-transform) echo "$FN_PAT_VERSION function-patch-and-transform AGENTPLANE_FN_PATCH_AND_TRANSFORM" ;;
     fn-auto-ready) echo "$FN_AUTO_READY_VERSION function-auto-ready AGENTPLANE_FN_AUTO_READY" ;;
     helm) echo "$HELM_VERSION helm AGENTPLANE_HELM" ;;
+    registry) echo "$REGISTRY_VERSION registry AGENTPLANE_REGISTRY" ;;
+    crane) echo "$CRANE_VERSION crane AGENTPLANE_CRANE" ;;
     *) return 1 ;;
   esac
 }

@@ -81,6 +81,8 @@ const PEERS: &[(&str, &str)] = &[
     ("function-auto-ready", "AGENTPLANE_FN_AUTO_READY"),
     ("helm", "AGENTPLANE_HELM"),
     ("cargo-deb", "AGENTPLANE_CARGO_DEB"),
+    ("registry", "AGENTPLANE_REGISTRY"),
+    ("crane", "AGENTPLANE_CRANE"),
 ];
 
 fn known_peers() -> String {

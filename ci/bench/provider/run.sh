@@ -246,3 +246,13 @@ printf '  schema vs Rust null:    %s\n' "$(ratio "$sc_ours" "$sc_rs")"
 printf '  binary vs 20 MB goal:   %s\n' "$(ratio "$(size "$OURS")" $((20 * 1048576)))"
 printf '  RSS vs 40 MB goal:      %s\n' "$(ratio "$peak_kb" $((40 * 1024)))"
 printf '  plan %s queues vs 1:    %s\n' "$PLAN_QUEUES" "$(ratio "$plan50_ms" "$plan1_ms")"
+
+# --- goals -----------------------------------------------------------------------------------
+# Every figure is printed above; a missed size goal fails the run loudly.
+size_goal=$((20 * 1048576))
+ours_size=$(size "$OURS")
+if ((ours_size > size_goal)); then
+    printf '\nMISSED: (c) stripped binary %s MB (%s bytes) is over the 20 MB goal\n' "$(mb "$ours_size")" "$ours_size"
+    exit 1
+fi
+printf '\ngoal met: (c) stripped binary %s MB <= 20 MB\n' "$(mb "$ours_size")"
