@@ -60,6 +60,8 @@ impl TaskPhase {
     ///
     /// `Running -> Queued` is the redelivery edge: a worker died and SQS hands the message out again.
     /// `Pending -> Failed` covers tasks that can never be admitted for a runtime reason (not policy).
+    /// `Running -> AwaitingApproval` is a plan reaching a tool call that needs a human: the approval
+    /// sends it back through `Queued`, and the plan resumes at that step.
     pub fn can_move_to(self, next: TaskPhase) -> bool {
         use TaskPhase::*;
         if self.is_terminal() {
@@ -73,7 +75,7 @@ impl TaskPhase {
             (Pending, Denied | AwaitingApproval | Queued | Failed)
                 | (AwaitingApproval, Queued | Denied)
                 | (Queued, Running | Failed)
-                | (Running, Succeeded | Failed | Queued)
+                | (Running, Succeeded | Failed | Queued | AwaitingApproval)
         )
     }
 }
@@ -120,6 +122,7 @@ mod tests {
             (Running, Succeeded),
             (Pending, AwaitingApproval),
             (AwaitingApproval, Queued),
+            (Running, AwaitingApproval),
         ] {
             assert!(a.can_move_to(b), "{a} -> {b}");
         }

@@ -15,6 +15,7 @@ use crate::intent::PrivacyLevel;
     version = "v1alpha1",
     kind = "AgentPolicy",
     namespaced,
+    status = "AgentPolicyStatus",
     shortname = "apol",
     category = "agentplane",
     doc = "Admission, privacy, rate-limit, budget and model-tier rules for the AgentTasks of a namespace.",
@@ -50,6 +51,184 @@ pub struct AgentPolicySpec {
     #[serde(default)]
     #[schemars(length(max = 64))]
     pub approvers: Vec<String>,
+    /// MCP servers whose tools the intent rules may allow. Nothing here is reachable by a task until
+    /// an intent rule lists one of its tools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub mcp_servers: Vec<McpServer>,
+    /// Most plan steps (model calls plus tool calls) one task may take; an intent rule may lower it.
+    /// Absent means [`DEFAULT_MAX_STEPS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_steps: Option<u32>,
+    /// Trips the kill switch (`suspend`) automatically when tasks fail or spend too fast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// Plan length when neither the policy nor the intent rule sets `maxSteps`.
+pub const DEFAULT_MAX_STEPS: u32 = 16;
+
+/// What the runtime records on the policy itself.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPolicyStatus {
+    /// Why the kill switch was set automatically; cleared by nobody but the operator of the policy
+    /// (unsetting `spec.suspend` resumes work, this stays as the record of the last trip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_trip: Option<BreakerTrip>,
+}
+
+/// One automatic trip of the circuit breaker.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerTrip {
+    pub tripped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Human-readable cause, e.g. "5 of 5 tasks failed in the last 300 s (limit 5 failures)".
+    #[schemars(length(max = 1024))]
+    pub reason: String,
+    /// Tasks that finished in the window, how many failed, and what the window spent.
+    pub tasks: u32,
+    pub failures: u32,
+    pub spend_micros: u64,
+}
+
+/// One MCP server. Exactly one transport is set.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("has(self.stdio) != has(self.http)").message("an MCP server has exactly one transport: stdio or http"))]
+#[serde(rename_all = "camelCase")]
+pub struct McpServer {
+    /// Name tool rules refer to; also the prefix of the tool names the model sees (`server__tool`).
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// A child process speaking MCP over its stdin/stdout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdio: Option<StdioTransport>,
+    /// A server speaking the MCP streamable HTTP transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpTransport>,
+    /// Longest one tool call (or the connection and tool listing) may take.
+    #[serde(default = "default_call_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub call_timeout_seconds: u32,
+    /// Largest tool result (its JSON text) fed back to the model; a larger one fails the call.
+    #[serde(default = "default_max_result_bytes")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub max_result_bytes: u64,
+    /// Most tools the server may list; a server listing more is refused as misbehaving.
+    #[serde(default = "default_max_tools")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_tools: u32,
+}
+
+fn default_call_timeout() -> u32 {
+    30
+}
+
+fn default_max_result_bytes() -> u64 {
+    1 << 20
+}
+
+fn default_max_tools() -> u32 {
+    256
+}
+
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StdioTransport {
+    #[schemars(length(min = 1, max = 1024))]
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub args: Vec<String>,
+    /// Environment of the child process (nothing else of the worker's environment is passed on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub env: Vec<NamedValue>,
+}
+
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("self.url.startsWith('https://') || self.url.startsWith('http://127.0.0.1') || self.url.startsWith('http://localhost')").message("remote MCP servers must use https"))]
+#[serde(rename_all = "camelCase")]
+pub struct HttpTransport {
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// Request headers, e.g. `Authorization` from a secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub headers: Vec<NamedValue>,
+}
+
+/// An environment variable or header: a literal value or a key of a KMS-sealed Secret. Secret values
+/// are resolved by the worker only, never logged, never written to status, never sent to the edge.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.secretRef)").message("set exactly one of value and secretRef"))]
+#[serde(rename_all = "camelCase")]
+pub struct NamedValue {
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// A tool an intent's plans may call.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolRule {
+    /// The `mcpServers` entry serving the tool.
+    #[schemars(length(min = 1, max = 32))]
+    pub server: String,
+    /// The tool's name as the server lists it.
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    /// Human in the loop: each call waits in AwaitingApproval until an approver approves exactly its
+    /// arguments.
+    #[serde(default)]
+    pub requires_approval: bool,
+    /// Calls of this tool allowed per window (scope user, device or namespace); a call over the limit
+    /// is returned to the model as an error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// When to set `suspend` by itself. At least one trigger is set; triggers are read over the last
+/// `windowSeconds`, and the failure triggers only once `minTasks` tasks finished in the window.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("has(self.failures) || has(self.failurePercent) || has(self.spendMicros)").message("a circuit breaker needs failures, failurePercent or spendMicros"))]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    #[schemars(range(min = 1, max = 2678400))]
+    pub window_seconds: u32,
+    /// Trip when this many tasks failed in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub failures: Option<u32>,
+    /// Trip when at least this percentage of the window's finished tasks failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_percent: Option<u32>,
+    /// Trip when the window's spend (every step of every task) reaches this, in millionths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub spend_micros: Option<u64>,
+    /// Finished tasks the window needs before a failure trigger is read.
+    #[serde(default = "default_min_tasks")]
+    #[schemars(range(min = 1))]
+    pub min_tasks: u32,
+}
+
+fn default_min_tasks() -> u32 {
+    5
 }
 
 #[derive(
@@ -80,6 +259,14 @@ pub struct IntentRule {
     pub rate_limits: Vec<RateLimit>,
     #[serde(default)]
     pub on_rate_limit: RateLimitAction,
+    /// Tools this intent's plans may call; a tool not listed is never offered to the model nor called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub tools: Vec<ToolRule>,
+    /// Lowers the policy's `maxSteps` for this intent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_steps: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -182,6 +369,28 @@ impl AgentPolicySpec {
     /// The rule for an intent type, if any.
     pub fn rule_for(&self, intent_type: &str) -> Option<&IntentRule> {
         self.intents.iter().find(|r| r.kind == intent_type)
+    }
+
+    /// The MCP server named `name`.
+    pub fn mcp_server(&self, name: &str) -> Option<&McpServer> {
+        self.mcp_servers.iter().find(|s| s.name == name)
+    }
+
+    /// Most steps a task of `intent_type` may take.
+    pub fn max_steps_for(&self, intent_type: &str) -> u32 {
+        let policy = self.max_steps.unwrap_or(DEFAULT_MAX_STEPS);
+        match self.rule_for(intent_type).and_then(|r| r.max_steps) {
+            Some(rule) => rule.min(policy),
+            None => policy,
+        }
+    }
+
+    /// The allow-list entry for `server`/`tool` under `intent_type`, if the tool is allowed.
+    pub fn tool_rule(&self, intent_type: &str, server: &str, tool: &str) -> Option<&ToolRule> {
+        self.rule_for(intent_type)?
+            .tools
+            .iter()
+            .find(|t| t.server == server && t.name == tool)
     }
 
     /// The tier named `name` and its position on the ladder.

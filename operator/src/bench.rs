@@ -130,6 +130,8 @@ fn governed_policy() -> AgentPolicySpec {
             },
         ],
         on_rate_limit: RateLimitAction::Deny,
+        tools: vec![],
+        max_steps: None,
     });
     policy.budgets.push(Budget {
         scope: Scope::Namespace,

@@ -126,6 +126,8 @@ pub fn default_policy() -> AgentPolicySpec {
         privacy_levels: vec![],
         rate_limits: vec![],
         on_rate_limit: RateLimitAction::Deny,
+        tools: vec![],
+        max_steps: None,
     };
     AgentPolicySpec {
         suspend: false,
@@ -144,6 +146,7 @@ pub fn default_policy() -> AgentPolicySpec {
         }],
         budgets: vec![],
         approvers: vec!["admin".into()],
+        ..Default::default()
     }
 }
 

@@ -677,6 +677,8 @@ async fn the_audited_store_records_every_transition_once() {
         approver: "admin".into(),
         decided_at: Time(jiff::Timestamp::now()),
         comment: Some("ok for this month".into()),
+        step: None,
+        args_digest: None,
     });
     let t = store
         .update_task_status("t1", &t.version, approved)

@@ -485,6 +485,8 @@ async fn the_operator_cuts_a_burst_exactly_at_the_rate_limit() {
             period_seconds: 3600,
         }],
         on_rate_limit: RateLimitAction::Deny,
+        tools: vec![],
+        max_steps: None,
     });
     c.store.put_policy(policy).await.unwrap();
     // The burst is waiting before the operator starts, so every admission races for the window.

@@ -114,6 +114,8 @@ fn rule(limits: Vec<RateLimit>, on_rate_limit: RateLimitAction) -> IntentRule {
         privacy_levels: vec![],
         rate_limits: limits,
         on_rate_limit,
+        tools: vec![],
+        max_steps: None,
     }
 }
 

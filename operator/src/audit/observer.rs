@@ -583,6 +583,8 @@ mod tests {
             approver: "alice".into(),
             decided_at: Time(Timestamp::UNIX_EPOCH),
             comment: Some("ok".into()),
+            step: None,
+            args_digest: None,
         });
         assert_eq!(obs.observe(&queued).await.unwrap(), 2);
         let mut cancelled = queued.clone();

@@ -750,6 +750,8 @@ mod tests {
                     period_seconds: 3600,
                 }],
                 on_rate_limit: action,
+                tools: vec![],
+                max_steps: None,
             });
             store.put_policy(policy).await.unwrap();
             let device = DeviceIdentity::generate("kiosk-1").unwrap();

@@ -434,6 +434,8 @@ async fn decide(
             approver: approver.clone(),
             decided_at: Time(jiff::Timestamp::now()),
             comment: request.comment.clone(),
+            step: None,
+            args_digest: None,
         });
         match write_status(&*state.store, &task, status).await {
             Ok(t) => {

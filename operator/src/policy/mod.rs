@@ -236,6 +236,8 @@ mod tests {
             privacy_levels: vec![],
             rate_limits: vec![],
             on_rate_limit: RateLimitAction::Deny,
+            tools: vec![],
+            max_steps: None,
         }
     }
 

@@ -169,6 +169,8 @@ mod tests {
             privacy_levels: vec![],
             rate_limits: limits,
             on_rate_limit: RateLimitAction::Deny,
+            tools: vec![],
+            max_steps: None,
         }
     }
 

@@ -107,6 +107,8 @@ pub fn policy() -> AgentPolicySpec {
         privacy_levels: vec![],
         rate_limits: vec![],
         on_rate_limit: RateLimitAction::Deny,
+        tools: vec![],
+        max_steps: None,
     };
     let tier = |name: &str, endpoint: &str| ModelTier {
         name: name.into(),
@@ -130,6 +132,7 @@ pub fn policy() -> AgentPolicySpec {
         ],
         budgets: vec![],
         approvers: vec![APPROVER.into()],
+        ..Default::default()
     }
 }
 
