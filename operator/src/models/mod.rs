@@ -79,6 +79,12 @@ pub fn idempotency_key(task_id: &str, step: u32) -> String {
     format!("{task_id}/model/{step}")
 }
 
+/// The idempotency key of tool step `step` of task `task_id`, sent to the MCP server in the call's
+/// `_meta` so a server can apply a re-run of a step journaled as started (but not finished) once.
+pub fn tool_idempotency_key(task_id: &str, step: u32) -> String {
+    format!("{task_id}/tool/{step}")
+}
+
 #[async_trait]
 pub trait ModelClient: Send + Sync {
     async fn complete(&self, call: &ModelCall<'_>) -> Result<Completion, ModelError>;
@@ -591,5 +597,7 @@ mod tests {
     fn idempotency_keys_are_stable_per_task_and_step() {
         assert_eq!(idempotency_key("t-1", 1), "t-1/model/1");
         assert_ne!(idempotency_key("t-1", 1), idempotency_key("t-1", 2));
+        assert_eq!(tool_idempotency_key("t-1", 2), "t-1/tool/2");
+        assert_ne!(tool_idempotency_key("t-1", 2), idempotency_key("t-1", 2));
     }
 }
