@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::http::{Http, common_headers, endpoint_url, param_f64, param_u64, secret_header};
 use super::plan::{Conversation, Message, ToolCall, ToolSpec, Turn, TurnReply};
-use super::{Completion, ModelCall, ModelError, count_tokens, usage_or_estimate};
+use super::{Completion, ModelCall, ModelError, tool_calls_turn, usage_or_estimate};
 use crate::secrets::SecretValue;
 
 const PROVIDER: &str = "anthropic";
@@ -204,18 +204,13 @@ pub(crate) fn parse_turn(call: &ModelCall<'_>, reply: &Value) -> Result<TurnRepl
         .filter_map(|b| b.get("text").and_then(Value::as_str))
         .collect();
     let text = (!texts.is_empty()).then(|| texts.concat());
-    let output = text.as_deref().map(count_tokens).unwrap_or(1);
-    Ok(TurnReply {
-        turn: Turn::ToolCalls { text, calls },
-        input_tokens: reply
-            .pointer("/usage/input_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or_else(|| count_tokens(call.prompt)),
-        output_tokens: reply
+    let usage = (
+        reply.pointer("/usage/input_tokens").and_then(Value::as_u64),
+        reply
             .pointer("/usage/output_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(output),
-    })
+            .and_then(Value::as_u64),
+    );
+    Ok(tool_calls_turn(call, text, calls, usage))
 }
 
 /// One plan turn against the endpoint.

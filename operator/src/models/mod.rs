@@ -222,6 +222,22 @@ impl ModelClient for Models {
     }
 }
 
+/// A turn that asked for tools, with the reported usage or (when the endpoint left it out) the same
+/// word-count estimate as [`usage_or_estimate`].
+pub(crate) fn tool_calls_turn(
+    call: &ModelCall<'_>,
+    text: Option<String>,
+    calls: Vec<plan::ToolCall>,
+    (input, output): (Option<u64>, Option<u64>),
+) -> plan::TurnReply {
+    let estimated_output = text.as_deref().map(count_tokens).unwrap_or(1);
+    plan::TurnReply {
+        turn: plan::Turn::ToolCalls { text, calls },
+        input_tokens: input.unwrap_or_else(|| count_tokens(call.prompt)),
+        output_tokens: output.unwrap_or(estimated_output),
+    }
+}
+
 /// Tokens as whitespace-separated words, at least one (the builtin models' measure, and the estimate
 /// for endpoints that report no usage).
 pub fn count_tokens(text: &str) -> u64 {
