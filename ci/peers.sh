@@ -26,12 +26,13 @@ FN_PAT_VERSION=v0.5.0
 FN_AUTO_READY_VERSION=v0.7.0
 HELM_VERSION=v3.22.0
 PLAYWRIGHT_VERSION=1.65.1
+MCP_EVERYTHING_VERSION=2026.8.31
 CARGO_DEB_VERSION=3.8.0
 # Container image test (xtask images): a real OCI registry and an independent client.
 REGISTRY_VERSION=v3.1.2
 CRANE_VERSION=v0.22.1
 
-ALL_PEERS=(moto schemathesis chromium playwright-core cargo-deb etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
+ALL_PEERS=(mcp-everything moto schemathesis chromium playwright-core cargo-deb etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
 ALL_PEERS+=(registry crane)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
@@ -144,6 +145,15 @@ build_playwright_core() {
   ln -sf node_modules/.bin/playwright-core "$dir/playwright-core"
 }
 
+# The MCP reference test server (npm), for the plan loop's tool tests; it serves stdio and, with the
+# `streamableHttp` argument, streamable HTTP on $PORT.
+build_mcp_everything() {
+  local dir=$1
+  cp "$WRAPPERS/mcp-everything/package.json" "$WRAPPERS/mcp-everything/package-lock.json" "$dir/"
+  (cd "$dir" && npm ci --no-audit --no-fund --silent)
+  ln -sf node_modules/.bin/mcp-server-everything "$dir/mcp-server-everything"
+}
+
 # cargo-deb (crates.io) packages the edge agent as a .deb; built with the Rust toolchain here.
 build_cargo_deb() {
   local dir=$1
@@ -224,6 +234,7 @@ peer_info() {
     schemathesis) echo "$SCHEMATHESIS_VERSION st AGENTPLANE_SCHEMATHESIS" ;;
     chromium) echo "debian chromium AGENTPLANE_CHROMIUM" ;;
     playwright-core) echo "$PLAYWRIGHT_VERSION playwright-core AGENTPLANE_PLAYWRIGHT_CORE" ;;
+    mcp-everything) echo "$MCP_EVERYTHING_VERSION mcp-server-everything AGENTPLANE_MCP_EVERYTHING" ;;
     cargo-deb) echo "$CARGO_DEB_VERSION cargo-deb AGENTPLANE_CARGO_DEB" ;;
     etcd) echo "$ETCD_VERSION etcd AGENTPLANE_ETCD" ;;
     kube-apiserver) echo "$KUBE_VERSION kube-apiserver AGENTPLANE_KUBE_APISERVER" ;;
@@ -294,7 +305,7 @@ check_tools() {
   case $name in
     moto | schemathesis) tool=python3 ;;
     chromium) tool=bash ;;
-    playwright-core) tool=npm ;;
+    playwright-core | mcp-everything) tool=npm ;;
     cargo-deb) tool=cargo ;;
     *) tool=go ;;
   esac

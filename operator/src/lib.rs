@@ -6,6 +6,7 @@ pub mod client;
 pub mod cloud;
 pub mod controller;
 pub mod gateway;
+pub mod mcp;
 pub mod metrics;
 pub mod models;
 pub mod policy;

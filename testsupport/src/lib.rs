@@ -69,6 +69,7 @@ const PEERS: &[(&str, &str)] = &[
     ("schemathesis", "AGENTPLANE_SCHEMATHESIS"),
     ("chromium", "AGENTPLANE_CHROMIUM"),
     ("playwright-core", "AGENTPLANE_PLAYWRIGHT_CORE"),
+    ("mcp-everything", "AGENTPLANE_MCP_EVERYTHING"),
     ("etcd", "AGENTPLANE_ETCD"),
     ("kube-apiserver", "AGENTPLANE_KUBE_APISERVER"),
     ("tofu", "AGENTPLANE_TOFU"),

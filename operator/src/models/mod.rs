@@ -14,6 +14,7 @@ pub mod anthropic;
 mod builtin;
 mod http;
 pub mod openai;
+pub mod plan;
 
 use std::sync::Arc;
 
@@ -78,9 +79,31 @@ pub fn idempotency_key(task_id: &str, step: u32) -> String {
     format!("{task_id}/model/{step}")
 }
 
+/// The idempotency key of tool step `step` of task `task_id`, sent to the MCP server in the call's
+/// `_meta` so a server can apply a re-run of a step journaled as started (but not finished) once.
+pub fn tool_idempotency_key(task_id: &str, step: u32) -> String {
+    format!("{task_id}/tool/{step}")
+}
+
 #[async_trait]
 pub trait ModelClient: Send + Sync {
     async fn complete(&self, call: &ModelCall<'_>) -> Result<Completion, ModelError>;
+
+    /// One turn of a plan: the conversation so far and the tools the policy allows. A client that
+    /// cannot call tools answers with its plain completion of the prompt (a one-turn plan).
+    async fn turn(
+        &self,
+        call: &ModelCall<'_>,
+        _conversation: &plan::Conversation,
+        _tools: &[plan::ToolSpec],
+    ) -> Result<plan::TurnReply, ModelError> {
+        let c = self.complete(call).await?;
+        Ok(plan::TurnReply {
+            turn: plan::Turn::Answer { text: c.text },
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+        })
+    }
 }
 
 /// Routes a tier to its client by endpoint kind.
@@ -118,13 +141,12 @@ impl Models {
     }
 }
 
-#[async_trait]
-impl ModelClient for Models {
-    async fn complete(&self, call: &ModelCall<'_>) -> Result<Completion, ModelError> {
-        let tier = call.tier;
-        if tier.endpoint_kind == EndpointKind::Builtin {
-            return self.builtin.complete(call).await;
-        }
+impl Models {
+    /// The remote client and the API key of `tier`, or why the call cannot be made.
+    async fn remote_key<'a>(
+        &'a self,
+        tier: &ModelTier,
+    ) -> Result<(&'a Remote, crate::secrets::SecretValue), ModelError> {
         let Some(remote) = &self.remote else {
             return Err(ModelError::Rejected(format!(
                 "tier {} calls a remote endpoint, but this runtime was started without a secret source for model keys",
@@ -145,16 +167,74 @@ impl ModelClient for Models {
                 ModelError::Rejected(message)
             }
         })?;
+        Ok((remote, key))
+    }
+
+    /// After a rejected call: possibly a revoked or rotated key, so the next task reads it afresh.
+    fn forget_key_if_rejected<T>(&self, tier: &ModelTier, result: &Result<T, ModelError>) {
+        if let (Err(ModelError::Rejected(_)), Some(remote), Some(secret_ref)) =
+            (result, &self.remote, &tier.secret_ref)
+        {
+            remote.secrets.invalidate(secret_ref);
+        }
+    }
+}
+
+#[async_trait]
+impl ModelClient for Models {
+    async fn complete(&self, call: &ModelCall<'_>) -> Result<Completion, ModelError> {
+        let tier = call.tier;
+        if tier.endpoint_kind == EndpointKind::Builtin {
+            return self.builtin.complete(call).await;
+        }
+        let (remote, key) = self.remote_key(tier).await?;
         let result = match tier.endpoint_kind {
             EndpointKind::Openai => openai::complete(&remote.http, call, &key).await,
             EndpointKind::Anthropic => anthropic::complete(&remote.http, call, &key).await,
             EndpointKind::Builtin => self.builtin.complete(call).await,
         };
-        if matches!(result, Err(ModelError::Rejected(_))) {
-            // Possibly a revoked or rotated key: let the next task read it afresh.
-            remote.secrets.invalidate(secret_ref);
-        }
+        self.forget_key_if_rejected(tier, &result);
         result
+    }
+
+    async fn turn(
+        &self,
+        call: &ModelCall<'_>,
+        conversation: &plan::Conversation,
+        tools: &[plan::ToolSpec],
+    ) -> Result<plan::TurnReply, ModelError> {
+        let tier = call.tier;
+        if tier.endpoint_kind == EndpointKind::Builtin {
+            return self.builtin.turn(call, conversation, tools).await;
+        }
+        let (remote, key) = self.remote_key(tier).await?;
+        let result = match tier.endpoint_kind {
+            EndpointKind::Openai => {
+                openai::complete_turn(&remote.http, call, &key, conversation, tools).await
+            }
+            EndpointKind::Anthropic => {
+                anthropic::complete_turn(&remote.http, call, &key, conversation, tools).await
+            }
+            EndpointKind::Builtin => self.builtin.turn(call, conversation, tools).await,
+        };
+        self.forget_key_if_rejected(tier, &result);
+        result
+    }
+}
+
+/// A turn that asked for tools, with the reported usage or (when the endpoint left it out) the same
+/// word-count estimate as [`usage_or_estimate`].
+pub(crate) fn tool_calls_turn(
+    call: &ModelCall<'_>,
+    text: Option<String>,
+    calls: Vec<plan::ToolCall>,
+    (input, output): (Option<u64>, Option<u64>),
+) -> plan::TurnReply {
+    let estimated_output = text.as_deref().map(count_tokens).unwrap_or(1);
+    plan::TurnReply {
+        turn: plan::Turn::ToolCalls { text, calls },
+        input_tokens: input.unwrap_or_else(|| count_tokens(call.prompt)),
+        output_tokens: output.unwrap_or(estimated_output),
     }
 }
 
@@ -358,9 +438,182 @@ mod tests {
         ));
     }
 
+    fn plan_conversation() -> (plan::Conversation, Vec<plan::ToolSpec>) {
+        use plan::{Message, ToolCall};
+        let args = json!({"path": "/a"}).as_object().unwrap().clone();
+        let conversation = plan::Conversation {
+            messages: vec![
+                Message::User("tidy up".into()),
+                Message::Assistant {
+                    text: Some("looking".into()),
+                    calls: vec![
+                        ToolCall {
+                            id: "c1".into(),
+                            name: "files__list".into(),
+                            arguments: args.clone(),
+                        },
+                        ToolCall {
+                            id: "c2".into(),
+                            name: "files__delete".into(),
+                            arguments: args,
+                        },
+                    ],
+                },
+                Message::ToolResult {
+                    call_id: "c1".into(),
+                    content: "[\"x\"]".into(),
+                    is_error: false,
+                },
+                Message::ToolResult {
+                    call_id: "c2".into(),
+                    content: "tool files/delete is not allowed".into(),
+                    is_error: true,
+                },
+            ],
+        };
+        let tools = vec![plan::ToolSpec {
+            name: "files__list".into(),
+            description: "List files".into(),
+            input_schema: json!({"type": "object"}).as_object().unwrap().clone(),
+        }];
+        (conversation, tools)
+    }
+
+    #[test]
+    fn openai_tool_call_wire_format() {
+        let t = tier(EndpointKind::Openai, "https://api.openai.com/v1");
+        let none = serde_json::Map::new();
+        let c = call(&t, "tidy up", &none);
+        let (conversation, tools) = plan_conversation();
+        let body = openai::plan_request_body(&c, &conversation, &tools);
+        assert_eq!(
+            body,
+            json!({"model": "t",
+                   "messages": [
+                       {"role": "user", "content": "tidy up"},
+                       {"role": "assistant", "content": "looking", "tool_calls": [
+                           {"id": "c1", "type": "function",
+                            "function": {"name": "files__list", "arguments": "{\"path\":\"/a\"}"}},
+                           {"id": "c2", "type": "function",
+                            "function": {"name": "files__delete", "arguments": "{\"path\":\"/a\"}"}}]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "[\"x\"]"},
+                       {"role": "tool", "tool_call_id": "c2",
+                        "content": "error: tool files/delete is not allowed"}],
+                   "tools": [{"type": "function", "function": {
+                       "name": "files__list", "description": "List files",
+                       "parameters": {"type": "object"}}}]})
+        );
+
+        let reply = json!({"choices": [{"finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": null,
+            "tool_calls": [{"id": "call_9", "type": "function",
+                            "function": {"name": "files__list", "arguments": "{\"path\": \"/b\"}"}}]}}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 7}});
+        let turn = openai::parse_turn(&c, &reply).unwrap();
+        assert_eq!(
+            turn,
+            plan::TurnReply {
+                turn: plan::Turn::ToolCalls {
+                    text: None,
+                    calls: vec![plan::ToolCall {
+                        id: "call_9".into(),
+                        name: "files__list".into(),
+                        arguments: json!({"path": "/b"}).as_object().unwrap().clone(),
+                    }],
+                },
+                input_tokens: 20,
+                output_tokens: 7,
+            }
+        );
+        let answer = json!({"choices": [{"message": {"content": "done"}}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1}});
+        assert_eq!(
+            openai::parse_turn(&c, &answer).unwrap().turn,
+            plan::Turn::Answer {
+                text: "done".into()
+            }
+        );
+        for bad in ["{not json", "[1, 2]"] {
+            let reply = json!({"choices": [{"message": {"tool_calls": [
+                {"id": "x", "function": {"name": "files__list", "arguments": bad}}]}}]});
+            let e = openai::parse_turn(&c, &reply).unwrap_err();
+            assert!(matches!(e, ModelError::Failed(_)), "{e}");
+            assert!(e.to_string().contains("malformed tool call"), "{e}");
+        }
+    }
+
+    #[test]
+    fn anthropic_tool_use_wire_format() {
+        let t = tier(EndpointKind::Anthropic, "https://api.anthropic.com");
+        let none = serde_json::Map::new();
+        let c = call(&t, "tidy up", &none);
+        let (conversation, tools) = plan_conversation();
+        let body = anthropic::plan_request_body(&c, &conversation, &tools);
+        assert_eq!(
+            body,
+            json!({"model": "t", "max_tokens": 1024,
+                   "messages": [
+                       {"role": "user", "content": "tidy up"},
+                       {"role": "assistant", "content": [
+                           {"type": "text", "text": "looking"},
+                           {"type": "tool_use", "id": "c1", "name": "files__list", "input": {"path": "/a"}},
+                           {"type": "tool_use", "id": "c2", "name": "files__delete", "input": {"path": "/a"}}]},
+                       // Both results in one user turn: the API needs user and assistant to alternate.
+                       {"role": "user", "content": [
+                           {"type": "tool_result", "tool_use_id": "c1", "content": "[\"x\"]", "is_error": false},
+                           {"type": "tool_result", "tool_use_id": "c2",
+                            "content": "tool files/delete is not allowed", "is_error": true}]}],
+                   "tools": [{"name": "files__list", "description": "List files",
+                              "input_schema": {"type": "object"}}]})
+        );
+
+        let reply = json!({"type": "message", "role": "assistant", "stop_reason": "tool_use",
+            "content": [{"type": "text", "text": "Listing."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "files__list", "input": {"path": "/b"}}],
+            "usage": {"input_tokens": 30, "output_tokens": 9}});
+        let turn = anthropic::parse_turn(&c, &reply).unwrap();
+        assert_eq!(
+            turn,
+            plan::TurnReply {
+                turn: plan::Turn::ToolCalls {
+                    text: Some("Listing.".into()),
+                    calls: vec![plan::ToolCall {
+                        id: "toolu_1".into(),
+                        name: "files__list".into(),
+                        arguments: json!({"path": "/b"}).as_object().unwrap().clone(),
+                    }],
+                },
+                input_tokens: 30,
+                output_tokens: 9,
+            }
+        );
+        let bad = json!({"content": [{"type": "tool_use", "id": "x", "name": "files__list", "input": "str"}]});
+        let e = anthropic::parse_turn(&c, &bad).unwrap_err();
+        assert!(e.to_string().contains("malformed tool_use"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn builtin_models_answer_a_plan_turn_without_tools() {
+        let none = serde_json::Map::new();
+        let echo = tier(EndpointKind::Builtin, "builtin:echo");
+        let (conversation, tools) = plan_conversation();
+        let r = Models::default()
+            .turn(&call(&echo, "hi", &none), &conversation, &tools)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.turn,
+            plan::Turn::Answer {
+                text: "echo: hi".into()
+            }
+        );
+    }
+
     #[test]
     fn idempotency_keys_are_stable_per_task_and_step() {
         assert_eq!(idempotency_key("t-1", 1), "t-1/model/1");
         assert_ne!(idempotency_key("t-1", 1), idempotency_key("t-1", 2));
+        assert_eq!(tool_idempotency_key("t-1", 2), "t-1/tool/2");
+        assert_ne!(tool_idempotency_key("t-1", 2), idempotency_key("t-1", 2));
     }
 }

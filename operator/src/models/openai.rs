@@ -10,7 +10,8 @@ use reqwest::header::AUTHORIZATION;
 use serde_json::{Value, json};
 
 use super::http::{Http, common_headers, endpoint_url, param_f64, param_u64, secret_header};
-use super::{Completion, ModelCall, ModelError, usage_or_estimate};
+use super::plan::{Conversation, Message, ToolCall, ToolSpec, Turn, TurnReply};
+use super::{Completion, ModelCall, ModelError, tool_calls_turn, usage_or_estimate};
 use crate::secrets::SecretValue;
 
 const PROVIDER: &str = "openai";
@@ -70,6 +71,18 @@ pub(crate) async fn complete(
     call: &ModelCall<'_>,
     key: &SecretValue,
 ) -> Result<Completion, ModelError> {
+    let (url, headers) = request_parts(call, key)?;
+    let reply = http
+        .post_json(PROVIDER, url, headers, &request_body(call), key)
+        .await?;
+    parse_reply(call, &reply)
+}
+
+/// The URL and headers every chat-completions call sends (`Authorization: Bearer`).
+fn request_parts(
+    call: &ModelCall<'_>,
+    key: &SecretValue,
+) -> Result<(reqwest::Url, reqwest::header::HeaderMap), ModelError> {
     let url = endpoint_url(
         &call.tier.name,
         &call.tier.endpoint,
@@ -81,8 +94,138 @@ pub(crate) async fn complete(
         AUTHORIZATION,
         secret_header(&call.tier.name, "Bearer ", key)?,
     );
-    let reply = http
-        .post_json(PROVIDER, url, headers, &request_body(call), key)
-        .await?;
-    parse_reply(call, &reply)
+    Ok((url, headers))
+}
+
+/// The chat-completions request for one turn of a plan: the conversation as `messages` (assistant
+/// turns with `tool_calls`, results as `role: tool` with their `tool_call_id`) and the allowed tools
+/// as `tools: [{type: function, function: {name, description, parameters}}]`.
+pub(crate) fn plan_request_body(
+    call: &ModelCall<'_>,
+    conversation: &Conversation,
+    tools: &[ToolSpec],
+) -> Value {
+    let messages: Vec<Value> = conversation
+        .messages
+        .iter()
+        .map(|m| match m {
+            Message::User(text) => json!({"role": "user", "content": text}),
+            Message::Assistant { text, calls } => json!({
+                "role": "assistant",
+                "content": text,
+                "tool_calls": calls.iter().map(|c| json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.name,
+                        // The API carries arguments as a JSON string, not an object.
+                        "arguments": Value::Object(c.arguments.clone()).to_string(),
+                    },
+                })).collect::<Vec<_>>(),
+            }),
+            // The format has no error flag: an error result says so in its text.
+            Message::ToolResult {
+                call_id,
+                content,
+                is_error,
+            } => json!({
+                "role": "tool",
+                "tool_call_id": call_id,
+                "content": if *is_error { format!("error: {content}") } else { content.clone() },
+            }),
+        })
+        .collect();
+    let mut body = request_body(call);
+    body["messages"] = Value::Array(messages);
+    if !tools.is_empty() {
+        body["tools"] = tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.input_schema,
+                }})
+            })
+            .collect();
+    }
+    body
+}
+
+/// Reads one plan turn: `choices[0].message.tool_calls` (each `function.arguments` a JSON object
+/// encoded as a string) or, when there are none, the text answer.
+pub(crate) fn parse_turn(call: &ModelCall<'_>, reply: &Value) -> Result<TurnReply, ModelError> {
+    let calls = reply
+        .pointer("/choices/0/message/tool_calls")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty());
+    let Some(calls) = calls else {
+        let c = parse_reply(call, reply)?;
+        return Ok(TurnReply {
+            turn: Turn::Answer { text: c.text },
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+        });
+    };
+    let bad = |what: String| {
+        ModelError::Failed(format!(
+            "{PROVIDER} reply for tier {} has a malformed tool call: {what}",
+            call.tier.name
+        ))
+    };
+    let mut parsed = Vec::with_capacity(calls.len());
+    for (i, c) in calls.iter().enumerate() {
+        let id = c.get("id").and_then(Value::as_str);
+        let name = c.pointer("/function/name").and_then(Value::as_str);
+        let (Some(id), Some(name)) = (id, name) else {
+            return Err(bad(format!("tool_calls[{i}] has no id or function.name")));
+        };
+        let raw = c
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or("{}");
+        let arguments =
+            match serde_json::from_str::<Value>(if raw.trim().is_empty() { "{}" } else { raw }) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => {
+                    return Err(bad(format!(
+                        "tool_calls[{i}] arguments are not a JSON object"
+                    )));
+                }
+                Err(e) => return Err(bad(format!("tool_calls[{i}] arguments: {e}"))),
+            };
+        parsed.push(ToolCall {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            arguments,
+        });
+    }
+    let text = reply
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    let usage = (
+        reply
+            .pointer("/usage/prompt_tokens")
+            .and_then(Value::as_u64),
+        reply
+            .pointer("/usage/completion_tokens")
+            .and_then(Value::as_u64),
+    );
+    Ok(tool_calls_turn(call, text, parsed, usage))
+}
+
+/// One plan turn against the endpoint.
+pub(crate) async fn complete_turn(
+    http: &Http,
+    call: &ModelCall<'_>,
+    key: &SecretValue,
+    conversation: &Conversation,
+    tools: &[ToolSpec],
+) -> Result<TurnReply, ModelError> {
+    let (url, headers) = request_parts(call, key)?;
+    let body = plan_request_body(call, conversation, tools);
+    let reply = http.post_json(PROVIDER, url, headers, &body, key).await?;
+    parse_turn(call, &reply)
 }

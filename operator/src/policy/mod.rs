@@ -13,9 +13,11 @@
 //! that runs in a single process (the distributed operator under leader election), so one ledger sees
 //! every admission.
 
+pub mod breaker;
 pub mod budget;
 pub mod ledger;
 pub mod ratelimit;
+pub mod tools;
 
 use std::time::Duration;
 

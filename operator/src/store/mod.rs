@@ -9,6 +9,7 @@
 //!   only through [`TaskStore::request_cancel`] (the one mutable spec field).
 //! - [`TaskStore::changes`] is the watch: a best-effort wake-up signal, never the source of truth.
 
+pub mod journal;
 pub mod kubernetes;
 pub mod seq_window;
 pub mod sqlite;
