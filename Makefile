@@ -7,7 +7,7 @@ export AGENTPLANE_CACHE ?= $(HOME)/.cache/agentplane
 # Upstream CRDs used as fixtures; outside users point this at their own copy (see README).
 export AGENTPLANE_CRDS ?= $(abspath $(CURDIR)/../shared/crds)
 
-.PHONY: help demo test peers stack-up stack-down bench deb images crdgen fmt lint
+.PHONY: help demo test peers stack-up stack-down bench deb images provider crdgen fmt lint
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ deb: ## Build the edge agent's .deb (cargo-deb) into target/debian/
 	ci/peers.sh cargo-deb
 	cargo build --release -p agentplane-edge
 	. "$${AGENTPLANE_CACHE:-$$HOME/.cache/agentplane}/peers/peers.env" && "$$AGENTPLANE_CARGO_DEB" -p agentplane-edge --no-build
+
+provider: ## Build the Terraform provider as shipped (dist-provider profile) into target/dist-provider/
+	cargo build --profile dist-provider -p terraform-provider-agentplane --bin terraform-provider-agentplane
 
 images: ## Build the agentplane and agentplane-edge OCI images (layouts + SBOM) into target/images/
 	cargo run -q -p xtask -- images --profile release --out target/images

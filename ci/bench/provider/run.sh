@@ -15,7 +15,7 @@
 #       not launch the provider at all, so it would hide the provider's own fixed cost.
 #
 # Environment: RUNS (20), QUEUES (100), PLAN_RUNS (5 runs of each plan in (e)), ONLY=plan-time
-# to run only (e), PROVIDER_BIN to measure a given provider binary instead of a fresh release
+# to run only (e), PROVIDER_BIN to measure a given provider binary instead of a fresh dist-provider
 # build (the figures then describe that binary).
 #
 # Goals (issue "Terraform/OpenTofu provider"): (a) at or below both peers, (c) <= 20 MB,
@@ -55,10 +55,11 @@ if [[ -n ${PROVIDER_BIN:-} ]]; then
     OURS=$(realpath "$PROVIDER_BIN")
     log "measuring the given provider $OURS"
 else
-    log "building our provider (release)"
-    (cd "$ROOT" && cargo build --release --quiet -p terraform-provider-agentplane \
+    # The provider as shipped (`make provider`): the dist-provider profile, size over speed.
+    log "building our provider (dist-provider profile)"
+    (cd "$ROOT" && cargo build --profile dist-provider --quiet -p terraform-provider-agentplane \
         --bin terraform-provider-agentplane)
-    OURS=$ROOT/target/release/terraform-provider-agentplane
+    OURS=$ROOT/target/dist-provider/terraform-provider-agentplane
 fi
 
 # --- moto and workspaces for (d) and (e) -------------------------------------------------------
