@@ -57,12 +57,7 @@ pub(crate) fn parse_reply(call: &ModelCall<'_>, reply: &Value) -> Result<Complet
             call.tier.name
         )));
     }
-    let usage = (
-        reply.pointer("/usage/input_tokens").and_then(Value::as_u64),
-        reply
-            .pointer("/usage/output_tokens")
-            .and_then(Value::as_u64),
-    );
+    let usage = reported_usage(reply);
     Ok(usage_or_estimate(PROVIDER, call, texts.concat(), usage))
 }
 
@@ -204,13 +199,18 @@ pub(crate) fn parse_turn(call: &ModelCall<'_>, reply: &Value) -> Result<TurnRepl
         .filter_map(|b| b.get("text").and_then(Value::as_str))
         .collect();
     let text = (!texts.is_empty()).then(|| texts.concat());
-    let usage = (
+    let usage = reported_usage(reply);
+    Ok(tool_calls_turn(call, text, calls, usage))
+}
+
+/// The (input, output) token counts the reply reports, when it does.
+fn reported_usage(reply: &Value) -> (Option<u64>, Option<u64>) {
+    (
         reply.pointer("/usage/input_tokens").and_then(Value::as_u64),
         reply
             .pointer("/usage/output_tokens")
             .and_then(Value::as_u64),
-    );
-    Ok(tool_calls_turn(call, text, calls, usage))
+    )
 }
 
 /// One plan turn against the endpoint.

@@ -55,14 +55,7 @@ pub(crate) fn parse_reply(call: &ModelCall<'_>, reply: &Value) -> Result<Complet
             )));
         }
     };
-    let usage = (
-        reply
-            .pointer("/usage/prompt_tokens")
-            .and_then(Value::as_u64),
-        reply
-            .pointer("/usage/completion_tokens")
-            .and_then(Value::as_u64),
-    );
+    let usage = reported_usage(reply);
     Ok(usage_or_estimate(PROVIDER, call, text, usage))
 }
 
@@ -205,15 +198,20 @@ pub(crate) fn parse_turn(call: &ModelCall<'_>, reply: &Value) -> Result<TurnRepl
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty())
         .map(str::to_owned);
-    let usage = (
+    let usage = reported_usage(reply);
+    Ok(tool_calls_turn(call, text, parsed, usage))
+}
+
+/// The (input, output) token counts the reply reports, when it does.
+fn reported_usage(reply: &Value) -> (Option<u64>, Option<u64>) {
+    (
         reply
             .pointer("/usage/prompt_tokens")
             .and_then(Value::as_u64),
         reply
             .pointer("/usage/completion_tokens")
             .and_then(Value::as_u64),
-    );
-    Ok(tool_calls_turn(call, text, parsed, usage))
+    )
 }
 
 /// One plan turn against the endpoint.
