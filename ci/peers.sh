@@ -31,9 +31,12 @@ CARGO_DEB_VERSION=3.8.0
 # Container image test (xtask images): a real OCI registry and an independent client.
 REGISTRY_VERSION=v3.1.2
 CRANE_VERSION=v0.22.1
+# Python MCP SDK: the recording and misbehaving tool servers the agentic tests run (ci/mcp/).
+MCP_PYTHON_VERSION=2.3.0
 
 ALL_PEERS=(mcp-everything moto schemathesis chromium playwright-core cargo-deb etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
 ALL_PEERS+=(registry crane)
+ALL_PEERS+=(mcp-python)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
 # module downloads and compiled packages of the others.
@@ -119,6 +122,11 @@ pip_venv_build() {
 
 build_moto() {
   pip_venv_build "$1" moto "moto[server]==$MOTO_VERSION" moto_server
+}
+
+# The venv's interpreter is the entry: tests run our own server scripts (ci/mcp/*.py) with it.
+build_mcp_python() {
+  pip_venv_build "$1" mcp-python "mcp==$MCP_PYTHON_VERSION" python
 }
 
 build_schemathesis() {
@@ -246,6 +254,7 @@ peer_info() {
     helm) echo "$HELM_VERSION helm AGENTPLANE_HELM" ;;
     registry) echo "$REGISTRY_VERSION registry AGENTPLANE_REGISTRY" ;;
     crane) echo "$CRANE_VERSION crane AGENTPLANE_CRANE" ;;
+    mcp-python) echo "$MCP_PYTHON_VERSION python AGENTPLANE_MCP_PYTHON" ;;
     *) return 1 ;;
   esac
 }
@@ -303,7 +312,7 @@ MIN_GO=1.25.9
 check_tools() {
   local name=$1 tool
   case $name in
-    moto | schemathesis) tool=python3 ;;
+    moto | schemathesis | mcp-python) tool=python3 ;;
     chromium) tool=bash ;;
     playwright-core | mcp-everything) tool=npm ;;
     cargo-deb) tool=cargo ;;

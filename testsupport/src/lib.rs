@@ -84,6 +84,7 @@ const PEERS: &[(&str, &str)] = &[
     ("cargo-deb", "AGENTPLANE_CARGO_DEB"),
     ("registry", "AGENTPLANE_REGISTRY"),
     ("crane", "AGENTPLANE_CRANE"),
+    ("mcp-python", "AGENTPLANE_MCP_PYTHON"),
 ];
 
 fn known_peers() -> String {
