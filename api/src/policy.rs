@@ -65,19 +65,116 @@ pub struct AgentPolicySpec {
     /// Trips the kill switch (`suspend`) automatically when tasks fail or spend too fast.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Policy as code: Rego modules consulted at admission and before each tool call, after the
+    /// rules above let a task or call through. See [`RegoPolicy`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rego: Option<RegoPolicy>,
+}
+
+/// Rego modules (OPA's policy language) deciding admissions and tool calls, evaluated in-process.
+///
+/// The rule named by `query` (default `data.agentplane.decision`) must evaluate to the decision
+/// document `{"allow": bool, "require_approval": bool, "reasons": [string]}` (`require_approval`
+/// and `reasons` may be left out). `allow: false` refuses with the reasons; `require_approval: true`
+/// parks the task (or the call) in AwaitingApproval. The input document's `kind` says what is being
+/// decided: `"admission"` or `"tool_call"` (docs/architecture.md, "Rego policies", lists the fields).
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegoPolicy {
+    /// The modules, compiled together.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub modules: Vec<RegoModule>,
+    /// The rule whose value is the decision document.
+    #[serde(default = "default_rego_query")]
+    #[schemars(
+        length(min = 6, max = 256),
+        regex(pattern = r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+    )]
+    pub query: String,
+}
+
+/// The rule a [`RegoPolicy`] is read from when it names none.
+pub const DEFAULT_REGO_QUERY: &str = "data.agentplane.decision";
+
+fn default_rego_query() -> String {
+    DEFAULT_REGO_QUERY.to_owned()
+}
+
+/// One Rego module: its source inline, or a key of a ConfigMap in the policy's namespace.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("has(self.inline) != has(self.configMapRef)").message("a Rego module has exactly one source: inline or configMapRef"))]
+#[serde(rename_all = "camelCase")]
+pub struct RegoModule {
+    /// The module's name in errors, e.g. `admission.rego`.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The module's source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
+    pub inline: Option<String>,
+    /// A ConfigMap key holding the module's source (read by the runtime, not by the API server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapKeyRef>,
+}
+
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+pub struct ConfigMapKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// What a Rego policy decided about a task or a call, as recorded in the task's status and the
+/// audit log.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegoVerdict {
+    pub decision: RegoDecisionKind,
+    /// The policy's reasons, as it gave them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub reasons: Vec<String>,
+    /// `sha256:<hex>` of the modules that decided (names and sources; see the architecture doc).
+    #[schemars(length(max = 71))]
+    pub digest: String,
+}
+
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RegoDecisionKind {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+impl RegoDecisionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegoDecisionKind::Allow => "allow",
+            RegoDecisionKind::Deny => "deny",
+            RegoDecisionKind::RequireApproval => "require_approval",
+        }
+    }
 }
 
 /// Plan length when neither the policy nor the intent rule sets `maxSteps`.
 pub const DEFAULT_MAX_STEPS: u32 = 16;
 
 /// What the runtime records on the policy itself.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentPolicyStatus {
     /// Why the kill switch was set automatically; cleared by nobody but the operator of the policy
     /// (unsetting `spec.suspend` resumes work, this stays as the record of the last trip).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_trip: Option<BreakerTrip>,
+    /// `RegoCompiled`: whether `spec.rego` compiled (`False` names the module and line; the
+    /// previously compiled modules stay in force until a version compiles).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 /// One automatic trip of the circuit breaker.

@@ -107,6 +107,9 @@ pub struct AgentTaskStatus {
     /// The tool call a plan is waiting on an approver for (set with phase AwaitingApproval).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_approval: Option<PendingApproval>,
+    /// The AgentPolicy's Rego modules' verdict at admission (absent when the policy has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rego: Option<crate::policy::RegoVerdict>,
 }
 
 impl AgentTaskStatus {

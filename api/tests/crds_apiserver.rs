@@ -308,3 +308,40 @@ fn approval_decision_names_are_stable() {
         "Approved"
     );
 }
+
+#[tokio::test]
+async fn rego_modules_need_exactly_one_source_and_a_data_query() {
+    let client = client_with_crds().await;
+    let ns = namespace(&client, "crd-rego").await;
+    let api: Api<AgentPolicy> = Api::namespaced(client, &ns);
+    let policy = |name: &str, rego: serde_json::Value| -> AgentPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "agentplane.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": name},
+            "spec": {"rego": rego}
+        }))
+        .unwrap()
+    };
+    let both = policy(
+        "both",
+        json!({"modules": [{"name": "a.rego", "inline": "package a", "configMapRef": {"name": "cm", "key": "a.rego"}}]}),
+    );
+    rejected_with(try_create(&api, &both).await, "exactly one source");
+    let neither = policy("neither", json!({"modules": [{"name": "a.rego"}]}));
+    rejected_with(try_create(&api, &neither).await, "exactly one source");
+    let bad_query = policy(
+        "query",
+        json!({"modules": [{"name": "a.rego", "inline": "package a"}], "query": "input.x"}),
+    );
+    rejected_with(try_create(&api, &bad_query).await, "query");
+    let ok = policy(
+        "ok",
+        json!({"modules": [{"name": "a.rego", "inline": "package a"}, {"name": "b.rego", "configMapRef": {"name": "cm", "key": "b.rego"}}]}),
+    );
+    let created = create_retrying(&api, &ok).await;
+    // The query defaults to the documented rule.
+    assert_eq!(
+        created.spec.rego.unwrap().query,
+        agentplane_api::policy::DEFAULT_REGO_QUERY
+    );
+}
