@@ -17,6 +17,7 @@ pub mod breaker;
 pub mod budget;
 pub mod ledger;
 pub mod ratelimit;
+pub mod rego;
 pub mod tools;
 
 use std::time::Duration;
