@@ -17,6 +17,7 @@ use agentplane::controller::operator::{self, OperatorConfig};
 use agentplane::gateway::serve::{self, TlsFiles};
 use agentplane::gateway::{self, AppState, ApproverCredential, GatewayConfig};
 use agentplane::metrics::Metrics;
+use agentplane::policy::rego::{KubeConfigMaps, RegoPolicies};
 use agentplane::queue::DynQueue;
 use agentplane::queue::sqs::SqsQueue;
 use agentplane::runtime::{audit_origin, close_audit_log};
@@ -496,7 +497,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let log_format = args.common.log_format.clone();
     run_service(&log_format, "agentplane-gateway", async move {
         let shutdown = shutdown_on_signal();
-        let (_client, store) = args.common.store().await?;
+        let (client, store) = args.common.store().await?;
         let expires = jiff::Timestamp::now()
             .checked_add(jiff::SignedDuration::from_hours(
                 i64::try_from(args.join_token_ttl_hours)
@@ -517,7 +518,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = bound.local_addr()?;
         let store: DynStore = store;
-        let router = gateway::router(AppState::new(
+        let mut state = AppState::new(
             store,
             metrics,
             GatewayConfig {
@@ -527,7 +528,14 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 ..GatewayConfig::default()
             },
             shutdown.clone(),
-        ));
+        );
+        // Rego modules may live in ConfigMaps; the operator, not the gateway, reports loads on
+        // the AgentPolicy.
+        state.rego = Arc::new(RegoPolicies::new(Some(Arc::new(KubeConfigMaps::new(
+            client.clone(),
+            &args.common.namespace,
+        )))));
+        let router = gateway::router(state);
         tracing::info!(%addr, tls = bound.is_tls(), namespace = %args.common.namespace, "agentplane gateway listening");
         // Printed for scripts that start the gateway on port 0.
         println!(

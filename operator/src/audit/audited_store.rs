@@ -417,6 +417,9 @@ impl AuditedStore {
             if let Some(t) = &status.trace_id {
                 details.insert("traceId".into(), json!(t));
             }
+            if kind == EventKind::Decision {
+                super::insert_rego_verdict(&mut details, status);
+            }
             e.details = serde_json::Value::Object(details);
             out.push((self.key(&written.id, &format!("@{version}/phase")), e));
         }

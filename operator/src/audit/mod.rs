@@ -131,6 +131,19 @@ pub(crate) fn held_reason(status: &AgentTaskStatus) -> Option<&str> {
         .map(|c| c.message.as_str())
 }
 
+/// Adds the Rego verdict an admission decision was taken with (`details.rego {decision, reasons,
+/// digest}`: what the modules said and which version of them said it), when the policy has Rego.
+pub(crate) fn insert_rego_verdict(
+    details: &mut serde_json::Map<String, serde_json::Value>,
+    status: &AgentTaskStatus,
+) {
+    if let Some(v) = &status.rego
+        && let Ok(value) = serde_json::to_value(v)
+    {
+        details.insert("rego".into(), value);
+    }
+}
+
 /// Serialises a JSON value with object keys sorted (by bytes) and no whitespace. Numbers and strings use
 /// serde_json's own formatting, which is deterministic; the audit events only carry integers.
 pub fn canonical_json(value: &serde_json::Value) -> String {

@@ -311,6 +311,9 @@ impl TaskObserver {
             if let Some(t) = &status.trace_id {
                 details.insert("traceId".into(), json!(t));
             }
+            if kind == EventKind::Decision {
+                super::insert_rego_verdict(&mut details, status);
+            }
             e.details = serde_json::Value::Object(details);
             let suffix = format!("@{}#{}", now.phase.as_str(), now.receive_count);
             out.push((self.key(&task.id, &suffix), e));

@@ -32,6 +32,7 @@ use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 use crate::policy::ledger::{admission_condition, set_condition};
+use crate::policy::rego::{self, RegoPolicies};
 use crate::policy::{self, Decision, Ledger, Subject, TierChoice};
 use crate::queue::{
     ATTR_TASK_ID, ATTR_TRACEPARENT, DynQueue, Outgoing, QueueError, QueueMessage, TaskQueue,
@@ -95,12 +96,30 @@ impl From<Outcome> for Step {
 /// One reconcile step for one task, without a long-lived ledger: when the policy has rate limits or
 /// budgets, one is rebuilt from the store for this step (every task is listed). [`Controller::run`]
 /// keeps its ledger instead; this form is for tools and tests that drive single steps.
+///
+/// The policy's Rego modules, if it has any, are compiled for this call; long-running callers keep
+/// a [`RegoPolicies`] and use [`reconcile_with`].
 pub async fn reconcile(
     store: &dyn TaskStore,
     queue: &dyn TaskQueue,
     task: &TaskRecord,
 ) -> Result<Outcome, ControllerError> {
-    Ok(step(store, queue, task, None).await?.outcome)
+    Ok(step(store, queue, task, None, &RegoPolicies::default())
+        .await?
+        .outcome)
+}
+
+/// One reconcile step deciding with `rego`'s compiled modules (compiled once per version, the
+/// previous version kept in force when a new one does not compile) and, when given, `ledger`.
+pub async fn reconcile_with(
+    store: &dyn TaskStore,
+    queue: &dyn TaskQueue,
+    task: &TaskRecord,
+    ledger: Option<&mut Ledger>,
+    rego: &RegoPolicies,
+) -> Result<(Outcome, Option<AdmissionDecision>), ControllerError> {
+    let s = step(store, queue, task, ledger, rego).await?;
+    Ok((s.outcome, s.decision))
 }
 
 /// One reconcile step for one task, deciding rate limits and budgets against `ledger` and recording
@@ -111,8 +130,7 @@ pub async fn reconcile_with_ledger(
     task: &TaskRecord,
     ledger: &mut Ledger,
 ) -> Result<(Outcome, Option<AdmissionDecision>), ControllerError> {
-    let s = step(store, queue, task, Some(ledger)).await?;
-    Ok((s.outcome, s.decision))
+    reconcile_with(store, queue, task, Some(ledger), &RegoPolicies::default()).await
 }
 
 async fn step(
@@ -120,6 +138,7 @@ async fn step(
     queue: &dyn TaskQueue,
     task: &TaskRecord,
     ledger: Option<&mut Ledger>,
+    rego: &RegoPolicies,
 ) -> Result<Step, ControllerError> {
     let phase = task.phase();
     if phase.is_terminal() {
@@ -137,7 +156,7 @@ async fn step(
         .into());
     }
     match phase {
-        TaskPhase::Pending => admit(store, queue, task, ledger).await,
+        TaskPhase::Pending => admit(store, queue, task, ledger, rego).await,
         TaskPhase::AwaitingApproval => {
             let Some(approval) = &task.status.approval else {
                 return Ok(Outcome::Unchanged.into());
@@ -260,6 +279,7 @@ async fn admit(
     queue: &dyn TaskQueue,
     task: &TaskRecord,
     ledger: Option<&mut Ledger>,
+    rego: &RegoPolicies,
 ) -> Result<Step, ControllerError> {
     let device_name = &task.spec.device_ref.name;
     let Some(device) = store.get_device(device_name).await? else {
@@ -319,7 +339,22 @@ async fn admit(
         None => scratch.insert(Ledger::default()),
     };
     let payload = &verified.payload;
-    match policy::evaluate(policy.as_ref(), &device.spec, payload, ledger, now) {
+    let decision = policy::evaluate(policy.as_ref(), &device.spec, payload, ledger, now);
+    let (decision, verdict) =
+        rego::apply_to_admission(rego, policy.as_ref(), store.namespace(), payload, decision).await;
+    // Every write below starts from the task's status, so the verdict rides along into it (and
+    // from there into the decision's audit leaf).
+    let with_verdict;
+    let task = match verdict {
+        Some(v) => {
+            let mut t = task.clone();
+            t.status.rego = Some(v);
+            with_verdict = t;
+            &with_verdict
+        }
+        None => task,
+    };
+    match decision {
         Decision::Hold {
             code,
             reason,
@@ -578,6 +613,8 @@ struct State {
     requeue: Requeue,
     /// The policy as last read: prices the in-flight tasks the ledger learns of from events.
     policy: Option<AgentPolicySpec>,
+    /// The policy's Rego modules, compiled once per version.
+    rego: RegoPolicies,
 }
 
 impl Controller {
@@ -634,6 +671,7 @@ impl Controller {
             ledger: Ledger::default(),
             requeue: Requeue::default(),
             policy: None,
+            rego: RegoPolicies::default(),
         };
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -720,7 +758,8 @@ impl Controller {
         if let Some(trace_id) = &task.status.trace_id {
             telemetry::join_trace(&span, trace_id, None);
         }
-        let result = reconcile_with_ledger(&*self.store, &*self.queue, task, &mut state.ledger)
+        let State { ledger, rego, .. } = state;
+        let result = reconcile_with(&*self.store, &*self.queue, task, Some(ledger), rego)
             .instrument(span)
             .await;
         self.metrics.observe(

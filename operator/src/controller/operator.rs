@@ -25,10 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::gpu_job::{self, JOB_MESSAGE_PREFIX, JobOutcome, TASK_LABEL};
-use super::{ControllerError, Outcome, finish, governs, reconcile, reconcile_with_ledger};
+use super::{ControllerError, Outcome, finish, governs, reconcile_with};
 use crate::audit::{LogError, ObservedStore, TaskObserver};
 use crate::metrics::Metrics;
 use crate::policy::ledger::Ledger;
+use crate::policy::rego::{KubeConfigMaps, RegoPolicies};
 use crate::queue::DynQueue;
 use crate::store::kubernetes::{FINALIZER, KubeStore, task_record};
 use crate::store::{DynStore, StoreError, TaskStore};
@@ -99,6 +100,9 @@ struct Context {
     requeue: Duration,
     /// The namespace's Jobs, when GPU tasks run as Jobs.
     jobs: Option<Api<Job>>,
+    /// The AgentPolicy's Rego modules, compiled once per version; each load is reported on the
+    /// AgentPolicy's status.
+    rego: Arc<RegoPolicies>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +156,17 @@ pub async fn run(
     let jobs = config
         .gpu_jobs
         .then(|| Api::namespaced(client.clone(), store.namespace()));
+    let rego = Arc::new(RegoPolicies::new(Some(Arc::new(KubeConfigMaps::new(
+        client.clone(),
+        store.namespace(),
+    )))));
+    let reporting = tokio::spawn(crate::policy::rego::report_to_policy(
+        Api::namespaced(client.clone(), store.namespace()),
+        crate::store::kubernetes::POLICY_NAME.to_owned(),
+        rego.reports(),
+    ));
     let ctx = Arc::new(Context {
+        rego,
         jobs,
         ledger: tokio::sync::Mutex::new(Ledger::default()),
         store,
@@ -203,6 +217,7 @@ pub async fn run(
         }
         tracing::warn!(identity = %config.identity, "lost the Lease: controller stopped, waiting to lead again");
     }
+    reporting.abort();
     // Dropping the receiver makes the lease task release the Lease and return.
     drop(leader);
     match lease_task.await {
@@ -330,7 +345,7 @@ async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError>
         Ok(outcome)
     } else if governed {
         let mut ledger = ctx.ledger.lock().await;
-        let r = reconcile_with_ledger(store, &*ctx.queue, &task, &mut ledger).await;
+        let r = reconcile_with(store, &*ctx.queue, &task, Some(&mut ledger), &ctx.rego).await;
         r.map(|(outcome, decision)| {
             if let Some(d) = decision {
                 ctx.metrics.inc(
@@ -341,7 +356,9 @@ async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError>
             outcome
         })
     } else {
-        reconcile(store, &*ctx.queue, &task).await
+        reconcile_with(store, &*ctx.queue, &task, None, &ctx.rego)
+            .await
+            .map(|(outcome, _)| outcome)
     };
     match result {
         Ok(Outcome::Moved(phase)) => {

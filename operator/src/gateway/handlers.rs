@@ -166,6 +166,15 @@ async fn submit(
     let verified = envelope.verify(&device.name, &keys, jiff::Timestamp::now())?;
     let payload = verified.payload;
     tracing::Span::current().record("task", payload.task_id.as_str());
+    // Rego refusals come before the task exists, so a denied intent leaves nothing behind; the
+    // controller decides again (with the same modules) for tasks created around the gateway.
+    let policy = state.store.get_policy().await?;
+    let namespace = state.store.namespace();
+    if let Some((code, why)) =
+        policy::rego::admission_refusal(&state.rego, policy.as_ref(), namespace, &payload).await
+    {
+        return Err(ApiError::forbidden(code, why));
+    }
     let spec = AgentTaskSpec::for_payload(envelope, &payload);
     // The edge's trace id; a request without one starts its trace here (at this span when traced).
     let trace_id = trace_id_from(headers)

@@ -63,6 +63,8 @@ pub struct AppState {
     pub config: Arc<GatewayConfig>,
     pub limits: Arc<Limits>,
     pub events: Arc<events::EventHub>,
+    /// The AgentPolicy's Rego modules, compiled once per version (issue 16).
+    pub rego: Arc<crate::policy::rego::RegoPolicies>,
 }
 
 /// The gateway's concurrency bounds.
@@ -90,6 +92,7 @@ impl AppState {
             config: Arc::new(config),
             limits,
             events,
+            rego: Arc::default(),
         }
     }
 }
