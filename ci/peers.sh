@@ -33,10 +33,13 @@ REGISTRY_VERSION=v3.1.2
 CRANE_VERSION=v0.22.1
 # Python MCP SDK: the recording and misbehaving tool servers the agentic tests run (ci/mcp/).
 MCP_PYTHON_VERSION=2.3.0
+# Open Policy Agent: the reference Rego implementation the regorus differential test compares with.
+OPA_VERSION=v1.22.4
 
 ALL_PEERS=(mcp-everything moto schemathesis chromium playwright-core cargo-deb etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
 ALL_PEERS+=(registry crane)
 ALL_PEERS+=(mcp-python)
+ALL_PEERS+=(opa)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
 # module downloads and compiled packages of the others.
@@ -235,6 +238,13 @@ build_crane() {
   go_install_build "$1" crane "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
 }
 
+# opa's main package is its module root and its go.mod has no replace directives, so it builds as
+# published; the version ldflag makes `opa version` report the pinned release.
+build_opa() {
+  go_install_build "$1" opa "github.com/open-policy-agent/opa@$OPA_VERSION" \
+    "-X github.com/open-policy-agent/opa/v1/version.Version=${OPA_VERSION#v}"
+}
+
 # peer_info NAME -> "VERSION BINARY ENVVAR"
 peer_info() {
   case $1 in
@@ -255,6 +265,7 @@ peer_info() {
     registry) echo "$REGISTRY_VERSION registry AGENTPLANE_REGISTRY" ;;
     crane) echo "$CRANE_VERSION crane AGENTPLANE_CRANE" ;;
     mcp-python) echo "$MCP_PYTHON_VERSION python AGENTPLANE_MCP_PYTHON" ;;
+    opa) echo "$OPA_VERSION opa AGENTPLANE_OPA" ;;
     *) return 1 ;;
   esac
 }

@@ -85,6 +85,7 @@ const PEERS: &[(&str, &str)] = &[
     ("registry", "AGENTPLANE_REGISTRY"),
     ("crane", "AGENTPLANE_CRANE"),
     ("mcp-python", "AGENTPLANE_MCP_PYTHON"),
+    ("opa", "AGENTPLANE_OPA"),
 ];
 
 fn known_peers() -> String {
