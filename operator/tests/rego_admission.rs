@@ -277,3 +277,58 @@ async fn with_no_compiled_version_admissions_fail_closed_with_the_compile_error(
     assert!(message.contains("got a number"), "{message}");
     rt.stop().await;
 }
+
+#[test]
+fn the_example_policy_parses_compiles_and_decides() {
+    use agentplane::policy::rego::{CompiledRego, admission_input};
+    use agentplane_api::policy::{AgentPolicy, RegoDecisionKind};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/rego");
+    let policy: AgentPolicy =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("agentpolicy.yaml")).unwrap())
+            .unwrap();
+    let rego = policy.spec.rego.unwrap();
+    // The ConfigMap module's text is the file beside the policy, as `kubectl create configmap` puts it.
+    let sources: Vec<RegoSource> = rego
+        .modules
+        .iter()
+        .map(|m| RegoSource {
+            name: m.name.clone(),
+            text: m.inline.clone().unwrap_or_else(|| {
+                let key = &m.config_map_ref.as_ref().unwrap().key;
+                std::fs::read_to_string(dir.join(key)).unwrap()
+            }),
+        })
+        .collect();
+    let compiled = CompiledRego::compile(&rego.query, &sources).unwrap();
+    let d = DeviceIdentity::generate("kiosk-e").unwrap();
+    let decide = |kind: &str, gpu: u32| {
+        let mut p = d.intent(1, kind, "hello");
+        p.required_resources.gpu = gpu;
+        compiled.decide(&admission_input("default", &p)).unwrap()
+    };
+    assert_eq!(decide("summarize", 0).decision, RegoDecisionKind::Allow);
+    let wire = decide("wire-money", 0);
+    assert_eq!(wire.decision, RegoDecisionKind::Deny);
+    assert_eq!(
+        wire.reasons,
+        ["intent \"wire-money\" is not offered to user \"demo-user\""]
+    );
+    let gpus = decide("train", 2);
+    assert_eq!(gpus.decision, RegoDecisionKind::RequireApproval);
+    assert_eq!(gpus.reasons, ["2 GPUs need a second pair of eyes"]);
+    let args = serde_json::Map::from_iter([("path".to_owned(), serde_json::json!("/etc/shadow"))]);
+    let call = agentplane::policy::rego::ToolCall {
+        namespace: "default",
+        intent_type: "summarize",
+        server: "fs",
+        tool: "read_file",
+        arguments: &args,
+        task_id: "t1",
+        step: 2,
+    };
+    let v = compiled
+        .decide(&agentplane::policy::rego::tool_call_input(&call))
+        .unwrap();
+    assert_eq!(v.decision, RegoDecisionKind::Deny);
+    assert_eq!(v.reasons, ["fs/read_file may only touch /srv/shared"]);
+}
