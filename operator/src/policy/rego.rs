@@ -28,8 +28,9 @@ pub const EVAL_TIME_LIMIT: Duration = Duration::from_millis(250);
 /// Bytes of the prompt the admission input carries (`intent.prompt`); `intent.promptBytes` is the
 /// full length. A prompt may be up to 1 MiB; policies decide on its start and its size.
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
-/// Largest serialised input document (a tool call's arguments are the part that varies).
-pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+/// Largest serialised input document: the largest signed payload (1 MiB), so every intent the
+/// gateway accepts can be decided; a tool call's arguments beyond it are refused.
+pub const MAX_INPUT_BYTES: usize = 1 << 20;
 /// Most reasons kept from a decision, and the longest one (longer ones are cut at a char boundary).
 pub const MAX_REASONS: usize = 16;
 pub const MAX_REASON_BYTES: usize = 512;
@@ -599,8 +600,10 @@ impl RegoPolicies {
         };
         match (compiled, error) {
             (Some(p), _) => Ok(Some(p)),
-            (None, Some(e)) => Err(RegoError::Unavailable(Box::new(e))),
-            (None, None) => unreachable!("load returns a version or an error"),
+            (None, e) => Err(RegoError::Unavailable(Box::new(e.unwrap_or_else(|| {
+                // `load` returns a version or an error; stay closed should that ever change.
+                RegoError::Eval("no version of the modules is loaded".into())
+            })))),
         }
     }
 
