@@ -165,16 +165,17 @@ async fn rego_from_a_config_map_decides_in_the_cluster_and_a_bad_version_is_repo
     );
     condition(&c, "True", &good).await;
 
-    // A version that does not parse: reported on the policy with the module and line, the good
-    // version stays in force in the operator and in the gateway.
+    // A version that does not parse: reported on the policy with the module and line as soon as
+    // the operator loads it (no task needed), and the good version stays in force in the operator
+    // and in the gateway.
     put_module(&c, BAD).await;
-    let t = parked(&c, &gw, &d, 4, "hola").await;
-    assert_eq!(t.status.rego.unwrap().digest, good);
     let message = condition(&c, "False", "admission.rego:5:1").await;
     assert!(
         message.contains(&format!("version {good} stays in force")),
         "{message}"
     );
+    let t = parked(&c, &gw, &d, 4, "hola").await;
+    assert_eq!(t.status.rego.unwrap().digest, good);
     let (status, code, message) = refusal(
         gw.submit(&d.sign(&d.intent(5, "delete-everything", "again")).unwrap())
             .await,

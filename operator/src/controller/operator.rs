@@ -84,6 +84,10 @@ pub enum OperatorError {
     },
 }
 
+/// How often the operator reloads the policy's Rego modules on its own, so the `RegoCompiled`
+/// condition follows an edit without waiting for a task.
+const REGO_LOAD_PERIOD: Duration = Duration::from_secs(5);
+
 /// What a reconcile needs.
 struct Context {
     /// Rate-limit windows and budget spend, owned by the leader: rebuilt from every task when it
@@ -165,6 +169,11 @@ pub async fn run(
         crate::store::kubernetes::POLICY_NAME.to_owned(),
         rego.reports(),
     ));
+    let loading = tokio::spawn(crate::policy::rego::keep_loaded(
+        rego.clone(),
+        store.clone(),
+        REGO_LOAD_PERIOD,
+    ));
     let ctx = Arc::new(Context {
         rego,
         jobs,
@@ -218,6 +227,7 @@ pub async fn run(
         tracing::warn!(identity = %config.identity, "lost the Lease: controller stopped, waiting to lead again");
     }
     reporting.abort();
+    loading.abort();
     // Dropping the receiver makes the lease task release the Lease and return.
     drop(leader);
     match lease_task.await {

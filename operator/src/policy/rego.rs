@@ -136,6 +136,24 @@ pub async fn report_to_policy(
     }
 }
 
+/// Loads the namespace's policy's modules every `every`, so a new version (an edited AgentPolicy or
+/// ConfigMap) is compiled, and its failure reported, when it appears rather than at the next
+/// decision. Runs until the task is aborted.
+pub async fn keep_loaded(rego: Arc<RegoPolicies>, store: crate::store::DynStore, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store.get_policy().await {
+            // The outcome is in the load report; a failure was logged where it happened.
+            Ok(policy) => drop(rego.current(policy.as_ref()).await),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the AgentPolicy to load its Rego modules")
+            }
+        }
+    }
+}
+
 /// `sha256:<hex>` over the query and the modules in order, each string preceded by its length as
 /// an 8-byte big-endian integer (so no two different module lists hash alike).
 pub fn digest(query: &str, sources: &[RegoSource]) -> String {
