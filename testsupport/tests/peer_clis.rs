@@ -64,6 +64,12 @@ fn etcd_is_3_5() {
 }
 
 #[test]
+fn opa_is_1_22_4() {
+    let out = run("opa", &["version"]);
+    assert_eq!(first_line(&out), "Version: 1.22.4", "{out}");
+}
+
+#[test]
 fn kube_apiserver_is_1_35_4() {
     let out = run("kube-apiserver", &["--version"]);
     assert_eq!(out.trim(), "Kubernetes v1.35.4");
