@@ -145,8 +145,12 @@ async fn rego_denies_with_reasons_parks_for_approval_and_is_audited_with_its_dig
     );
 
     // Denied by Rego: refused at the gateway with every reason and the policy's digest.
-    let (status, code, message) =
-        refusal(submit(&gw, &d, 1, "delete-everything", "my password is hunter2").await);
+    let refused = d.intent(1, "delete-everything", "my password is hunter2");
+    let (status, code, message) = refusal(
+        gw.submit(&d.sign(&refused).unwrap())
+            .await
+            .map(|r| r.task_id),
+    );
     assert_eq!(
         (status, code.as_str()),
         (StatusCode::FORBIDDEN, "rego_denied")
@@ -155,7 +159,7 @@ async fn rego_denies_with_reasons_parks_for_approval_and_is_audited_with_its_dig
         message,
         format!(
             "denied by Rego policy {good}: intent delete-everything is blocked for user {}; prompts may not mention passwords",
-            d.intent(1, "x", "").user_id
+            refused.user_id
         )
     );
 
@@ -180,9 +184,10 @@ async fn rego_denies_with_reasons_parks_for_approval_and_is_audited_with_its_dig
     );
 
     // Allowed by Rego: runs as before.
-    let fine = submit(&gw, &d, 3, "summarize", "the quarterly numbers")
-        .await
+    let fine_envelope = d
+        .sign(&d.intent(3, "summarize", "the quarterly numbers"))
         .unwrap();
+    let fine = gw.submit(&fine_envelope).await.unwrap().task_id;
     assert_eq!(
         gw.follow(&d, &fine, |_| {}).await.unwrap().phase,
         TaskPhase::Succeeded
@@ -208,6 +213,19 @@ async fn rego_denies_with_reasons_parks_for_approval_and_is_audited_with_its_dig
     let record = rt.store.get_task(&still).await.unwrap().unwrap();
     assert_eq!(record.status.rego.unwrap().digest, good);
 
+    // A policy that now denies summaries does not turn the retry of one admitted earlier (its
+    // answer lost on the way back, say) into a refusal: it is the existing task.
+    let strict = POLICY.replace("\"delete-everything\"", "\"summarize\"");
+    rt.store
+        .put_policy(with_rego(&[("policy.rego", &strict)]))
+        .await
+        .unwrap();
+    let retried = gw.submit(&fine_envelope).await.unwrap();
+    assert!(retried.duplicate && retried.task_id == fine, "{retried:?}");
+    let (_, code, _) = refusal(submit(&gw, &d, 6, "summarize", "new one").await);
+    assert_eq!(code, "rego_denied");
+    assert!(rt.store.get_task(&refused.task_id).await.unwrap().is_none());
+
     rt.stop().await;
     let events = export(&dir.path().join("audit.sqlite"));
     let decision = |task: &str| {
@@ -230,11 +248,7 @@ async fn rego_denies_with_reasons_parks_for_approval_and_is_audited_with_its_dig
     assert_eq!(admitted.details["rego"]["decision"], "allow");
     assert_eq!(admitted.details["rego"]["digest"], good.as_str());
     // A refused intent never became a task, so it has no leaf.
-    assert!(
-        events
-            .iter()
-            .all(|e| e.task != d.intent(1, "x", "").task_id)
-    );
+    assert!(events.iter().all(|e| e.task != refused.task_id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,7 +173,12 @@ async fn submit(
     if let Some((code, why)) =
         policy::rego::admission_refusal(&state.rego, policy.as_ref(), namespace, &payload).await
     {
-        return Err(ApiError::forbidden(code, why));
+        // A retried submission of a task admitted under an earlier policy is still that task.
+        let existing = state.store.get_task(&payload.task_id).await?;
+        return match existing.filter(|t| t.spec.envelope.payload == envelope.payload) {
+            Some(t) => Ok((duplicate(&t), "duplicate")),
+            None => Err(ApiError::forbidden(code, why)),
+        };
     }
     let spec = AgentTaskSpec::for_payload(envelope, &payload);
     // The edge's trace id; a request without one starts its trace here (at this span when traced).
@@ -205,14 +210,7 @@ async fn submit(
             if t.spec.envelope.payload == spec.envelope.payload
                 && t.spec.device_ref == spec.device_ref =>
         {
-            Ok((
-                SubmitResponse {
-                    task_id: t.id.clone(),
-                    phase: t.phase(),
-                    duplicate: true,
-                },
-                "duplicate",
-            ))
+            Ok((duplicate(&t), "duplicate"))
         }
         Admission::Existing(_) => Err(ApiError::conflict(
             "task_id_conflict",
@@ -225,6 +223,15 @@ async fn submit(
             "replayed_seq",
             replayed_seq_message(payload.seq, refusal),
         )),
+    }
+}
+
+/// The answer to a resubmission of a task that exists.
+fn duplicate(t: &TaskRecord) -> SubmitResponse {
+    SubmitResponse {
+        task_id: t.id.clone(),
+        phase: t.phase(),
+        duplicate: true,
     }
 }
 
