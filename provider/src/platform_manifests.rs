@@ -461,6 +461,7 @@ pub fn rules(s: &PlatformSpec, component: &str) -> Vec<Json> {
                     ],
                     &["get", "patch", "update"],
                 ),
+                rule(AP, &["agentapprovals"], &["get", "list", "watch"]),
             ];
             r.extend(events);
             r
@@ -489,6 +490,7 @@ pub fn rules(s: &PlatformSpec, component: &str) -> Vec<Json> {
                 &["create", "get", "list", "watch", "patch"],
             ),
             rule(AP, &["agenttasks/status"], &["get", "patch"]),
+            rule(AP, &["agentapprovals"], &["create"]),
             rule(AP, &["edgedevices"], &["get", "create", "patch"]),
             rule(AP, &["edgedevices/status"], &["get", "patch"]),
             rule(AP, &["agentpolicies"], &["get", "list", "watch"]),
