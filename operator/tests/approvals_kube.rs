@@ -13,7 +13,7 @@ use agentplane::client::DeviceIdentity;
 use agentplane::store::TaskStore;
 use agentplane_api::TaskPhase;
 use agentplane_api::approval::{AgentApproval, AgentApprovalSpec, TASK_LABEL, TaskRef};
-use agentplane_api::task::{Approval, ApprovalDecision};
+use agentplane_api::task::{AgentTask, Approval, ApprovalDecision};
 use agentplane_testsupport::{peer_command, repo_root};
 use cluster::{APPROVER, APPROVER_TOKEN, Cluster, JOIN_TOKEN};
 use k8s_openapi::api::authorization::v1::{
@@ -22,7 +22,7 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const RELEASE: &str = "agentplane";
 
@@ -57,20 +57,28 @@ fn run(mut cmd: Command) -> std::process::Output {
     out
 }
 
-/// Server-side applies the chart's Roles and RoleBindings, returning each component's
-/// ServiceAccount (from its RoleBinding's subject).
+/// Server-side applies the chart's Roles and RoleBindings and its admission policy guarding
+/// `status.approval`, returning each component's ServiceAccount (from its RoleBinding's subject).
 async fn apply_rbac(client: &kube::Client, objs: &[Value]) -> Vec<(String, String)> {
     let mut accounts = Vec::new();
     for o in objs {
         let kind = o["kind"].as_str().unwrap_or_default();
-        if kind != "Role" && kind != "RoleBinding" {
-            continue;
-        }
-        let gvk = GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind);
-        let ns = o["metadata"]["namespace"].as_str().expect("namespaced");
+        let group = match kind {
+            "Role" | "RoleBinding" => "rbac.authorization.k8s.io",
+            "ValidatingAdmissionPolicy" | "ValidatingAdmissionPolicyBinding" => {
+                "admissionregistration.k8s.io"
+            }
+            _ => continue,
+        };
+        let gvk = GroupVersionKind::gvk(group, "v1", kind);
+        let ns = o["metadata"]["namespace"].as_str().unwrap_or_default();
         let name = o["metadata"]["name"].as_str().expect("named");
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk));
+        let ar = ApiResource::from_gvk(&gvk);
+        let api: Api<DynamicObject> = if ns.is_empty() {
+            Api::all_with(client.clone(), &ar)
+        } else {
+            Api::namespaced_with(client.clone(), ns, &ar)
+        };
         api.patch(
             name,
             &PatchParams::apply("agentplane-approvals-test").force(),
@@ -85,6 +93,21 @@ async fn apply_rbac(client: &kube::Client, objs: &[Value]) -> Vec<(String, Strin
         }
     }
     accounts
+}
+
+/// Renders the chart into the cluster's namespace and applies its RBAC and admission policy.
+async fn apply_chart(c: &Cluster) -> Vec<(String, String)> {
+    apply_rbac(&c.client, &rendered_chart(&c.namespace)).await
+}
+
+/// The ServiceAccount of `component` among the chart's RoleBindings.
+fn account(accounts: &[(String, String)], component: &str) -> String {
+    accounts
+        .iter()
+        .find(|(c, _)| c == component)
+        .unwrap_or_else(|| panic!("no RoleBinding for {component}: {accounts:?}"))
+        .1
+        .clone()
 }
 
 /// Whether ServiceAccount `sa` of `ns` may `verb` the `resource` (and `subresource`) of
@@ -129,16 +152,8 @@ async fn allowed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_gateway_records_decisions_and_the_operator_writes_status() {
     let c = Cluster::new("approvals-rbac").await;
-    let objs = rendered_chart(&c.namespace);
-    let accounts = apply_rbac(&c.client, &objs).await;
-    let sa = |component: &str| {
-        accounts
-            .iter()
-            .find(|(c, _)| c == component)
-            .unwrap_or_else(|| panic!("no RoleBinding for {component}: {accounts:?}"))
-            .1
-            .clone()
-    };
+    let accounts = apply_chart(&c).await;
+    let sa = |component: &str| account(&accounts, component);
     let (operator, worker, gateway) = (sa("operator"), sa("worker"), sa("gateway"));
     let ns = c.namespace.as_str();
     let can =
@@ -191,6 +206,109 @@ async fn only_the_gateway_records_decisions_and_the_operator_writes_status() {
         .await
         .expect_err("an AgentApproval cannot be edited");
     assert!(err.to_string().contains("immutable"), "{err}");
+}
+
+/// A client that acts as ServiceAccount `sa` of `ns` (the admin impersonating it), so requests meet
+/// the API server's RBAC and admission exactly as that component's would.
+async fn client_as(c: &Cluster, sa: &str) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(c.stack.kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{}:{sa}", c.namespace));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{}", c.namespace),
+        "system:authenticated".into(),
+    ]);
+    kube::Client::try_from(config).unwrap()
+}
+
+/// Patches the task's status (a merge patch of `status`) as `client`, optionally as a dry run.
+async fn patch_status(
+    client: &kube::Client,
+    ns: &str,
+    task: &str,
+    status: Value,
+    dry_run: bool,
+) -> Result<(), kube::Error> {
+    let api: Api<AgentTask> = Api::namespaced(client.clone(), ns);
+    let params = PatchParams {
+        dry_run,
+        ..PatchParams::default()
+    };
+    api.patch_status(task, &params, &Patch::Merge(&json!({ "status": status })))
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operator_changes_status_approval() {
+    let c = Cluster::new("approvals-guard").await;
+    let accounts = apply_chart(&c).await;
+    let sa = |component: &str| account(&accounts, component);
+    let ns = c.namespace.as_str();
+    let (worker, gateway, operator) = (
+        client_as(&c, &sa("worker")).await,
+        client_as(&c, &sa("gateway")).await,
+        client_as(&c, &sa("operator")).await,
+    );
+    let d = c.device("kiosk-guard").await;
+    let task = c.admit(&d, &d.intent(1, "purchase", "one coffee")).await;
+    let approval = serde_json::to_value(decision(&task, APPROVER).spec.approval).unwrap();
+
+    // The policy takes effect a moment after it is created: probe with dry runs until it refuses.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while patch_status(&worker, ns, &task, json!({ "approval": approval }), true)
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the approval guard never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Workers and the gateway may write task status, but not an approval into it.
+    for (who, client) in [("worker", &worker), ("gateway", &gateway)] {
+        let err = patch_status(client, ns, &task, json!({ "approval": approval }), false)
+            .await
+            .expect_err(who);
+        assert!(
+            err.to_string()
+                .contains("record a decision as an AgentApproval"),
+            "{who}: {err}"
+        );
+    }
+    patch_status(
+        &worker,
+        ns,
+        &task,
+        json!({ "reason": "a worker's note" }),
+        false,
+    )
+    .await
+    .expect("a worker's status write that leaves the approval alone");
+    // The operator records the accepted decision; after that nobody else may change or drop it.
+    patch_status(&operator, ns, &task, json!({ "approval": approval }), false)
+        .await
+        .expect("the operator writes status.approval");
+    for change in [
+        json!({ "approval": null }),
+        json!({ "approval": { "approver": "mallory" } }),
+    ] {
+        let err = patch_status(&worker, ns, &task, change.clone(), false)
+            .await
+            .expect_err("a worker changing the accepted approval");
+        assert!(err.to_string().contains("AgentApproval"), "{change}: {err}");
+    }
+    let t = c.store.get_task(&task).await.unwrap().unwrap();
+    assert_eq!(t.status.approval.unwrap().approver, APPROVER);
+    assert_eq!(t.status.reason.as_deref(), Some("a worker's note"));
 }
 
 fn decision(task: &str, approver: &str) -> AgentApproval {
