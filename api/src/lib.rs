@@ -1,6 +1,7 @@
-//! agentplane's shared types: the CRDs (`AgentTask`, `EdgeDevice`, `AgentPolicy`), the signed-intent
+//! agentplane's shared types: the CRDs (`AgentTask`, `EdgeDevice`, `AgentPolicy`, `AgentApproval`), the signed-intent
 //! envelope and its payload, and the task phase machine. No I/O lives here.
 
+pub mod approval;
 pub mod device;
 pub mod envelope;
 pub mod intent;
@@ -9,6 +10,7 @@ pub mod policy;
 pub mod task;
 pub mod wire;
 
+pub use approval::{AgentApproval, AgentApprovalSpec};
 pub use device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, KeyAlgorithm, PublicKey};
 pub use envelope::{
     DeviceKey, Envelope, EnvelopeError, EnvelopeSignature, INTENT_PAYLOAD_TYPE, VerifiedIntent,
@@ -28,5 +30,10 @@ pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt as _;
-    vec![AgentTask::crd(), EdgeDevice::crd(), AgentPolicy::crd()]
+    vec![
+        AgentTask::crd(),
+        EdgeDevice::crd(),
+        AgentPolicy::crd(),
+        AgentApproval::crd(),
+    ]
 }

@@ -162,7 +162,9 @@ pub struct Approval {
     #[schemars(length(min = 1, max = 253))]
     pub approver: String,
     pub decided_at: Time,
+    /// The gateway keeps at most 1024 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub comment: Option<String>,
     /// The plan step decided on; absent for the task-level approval an intent rule asks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::{edge_cli, require_agentplane, start_dev, start_edge};
 
@@ -14,19 +13,9 @@ fn ui_test_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ui-test")
 }
 
-/// Chromium and the playwright-core install from the peer cache; a missing one fails the test.
-fn browser() -> (PathBuf, PathBuf) {
-    let chromium = agentplane_testsupport::peer_path("chromium").unwrap_or_else(|e| panic!("{e}"));
-    let playwright =
-        agentplane_testsupport::peer_path("playwright-core").unwrap_or_else(|e| panic!("{e}"));
-    let node_modules = playwright.with_file_name("node_modules");
-    (chromium, node_modules)
-}
-
 #[test]
 fn the_ui_in_headless_chromium_reaches_succeeded() {
     let bin = require_agentplane();
-    let (chromium, node_modules) = browser();
     let dir = tempfile::tempdir().unwrap();
     let gw = start_dev(&bin, &dir.path().join("gw"), "127.0.0.1:0", "tok-ui");
     let data = dir.path().join("edge");
@@ -55,13 +44,7 @@ fn the_ui_in_headless_chromium_reaches_succeeded() {
         .map(|t| t.join("test-artifacts"))
         .unwrap();
     std::fs::create_dir_all(&artifacts).unwrap();
-    drive(
-        &chromium,
-        &node_modules,
-        &agent.addr,
-        "succeeded",
-        &artifacts.join("edge-ui.png"),
-    );
+    drive(&agent.addr, "succeeded", &artifacts.join("edge-ui.png"));
 
     // A second device whose gateway is down: the page says the intent is saved and waiting.
     let offline_data = dir.path().join("edge-offline");
@@ -71,8 +54,6 @@ fn the_ui_in_headless_chromium_reaches_succeeded() {
         &["--gateway", &dead, "--backoff-max-ms", "1000"],
     );
     drive(
-        &chromium,
-        &node_modules,
         &offline.addr,
         "offline",
         &artifacts.join("edge-ui-offline.png"),
@@ -82,39 +63,19 @@ fn the_ui_in_headless_chromium_reaches_succeeded() {
     gw.terminate();
 }
 
-/// Runs the Playwright script from a scratch directory whose `node_modules` is the peer's, so ESM
-/// resolution finds playwright-core without installing anything into the source tree.
-fn drive(
-    chromium: &std::path::Path,
-    node_modules: &std::path::Path,
-    url: &str,
-    expect: &str,
-    shot: &std::path::Path,
-) {
+/// Runs the Playwright script against the agent's UI and checks it said it was content.
+fn drive(url: &str, expect: &str, shot: &std::path::Path) {
     let _ = std::fs::remove_file(shot);
-    let scratch = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        ui_test_dir().join("ui.test.mjs"),
-        scratch.path().join("ui.test.mjs"),
+    let stdout = agentplane_testsupport::run_playwright(
+        &ui_test_dir().join("ui.test.mjs"),
+        &[
+            ("EDGE_URL", url.as_ref()),
+            ("EXPECT", expect.as_ref()),
+            ("SCREENSHOT", shot.as_os_str()),
+        ],
+        "UI OK",
     )
-    .unwrap();
-    std::os::unix::fs::symlink(node_modules, scratch.path().join("node_modules")).unwrap();
-    let out = Command::new("node")
-        .arg("ui.test.mjs")
-        .current_dir(scratch.path())
-        .env("EDGE_URL", url)
-        .env("EXPECT", expect)
-        .env("SCREENSHOT", shot)
-        .env("CHROMIUM", chromium)
-        .output()
-        .expect("node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "UI test ({expect}) failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("UI OK"), "{stdout}");
+    .unwrap_or_else(|e| panic!("{e}"));
     assert!(shot.exists(), "no screenshot at {}", shot.display());
     eprintln!("{stdout}");
 }

@@ -200,6 +200,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         if let Some(t) = &printed_approver {
             println!("approver token (admin): {t}");
         }
+        println!("approver page: {}/approvals", embedded.base_url());
         wait_for_signal().await;
         tracing::info!("shutting down");
         embedded.stop().await;

@@ -276,10 +276,11 @@ async fn the_embedded_runtime_audits_every_transition_across_a_restart() {
                 Some(AwaitingApproval),
                 None
             ),
+            // The controller accepts the decision in the write that moves the task.
             (
                 EventKind::Approval,
                 Some(AwaitingApproval),
-                Some(AwaitingApproval),
+                Some(Queued),
                 admin.clone()
             ),
             (
@@ -302,10 +303,11 @@ async fn the_embedded_runtime_audits_every_transition_across_a_restart() {
                 Some(AwaitingApproval),
                 None
             ),
+            // The controller accepts the decision in the write that moves the task.
             (
                 EventKind::Approval,
                 Some(AwaitingApproval),
-                Some(AwaitingApproval),
+                Some(Denied),
                 admin.clone()
             ),
             (

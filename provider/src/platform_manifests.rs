@@ -437,6 +437,52 @@ fn named_rule(group: &str, resources: &[&str], names: &[String], verbs: &[&str])
     json!({ "apiGroups": [group], "resources": resources, "resourceNames": names, "verbs": verbs })
 }
 
+/// templates/approval-guard.yaml: an admission policy refusing any change of an AgentTask's
+/// `status.approval` by anyone but the operator's ServiceAccount (RBAC cannot limit a status write
+/// to some fields, and workers must write task status).
+fn approval_guard(ns: &str) -> Vec<Json> {
+    let name = format!("{FULLNAME}-{ns}-approval-record");
+    let operator = format!("system:serviceaccount:{ns}:{FULLNAME}-operator");
+    let labels = labels(Some("operator"));
+    vec![
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": { "resourceRules": [{
+                    "apiGroups": ["agentplane.dev"],
+                    "apiVersions": ["v1alpha1"],
+                    "operations": ["UPDATE"],
+                    "resources": ["agenttasks/status"],
+                }]},
+                "variables": [
+                    { "name": "before", "expression": "has(oldObject.status) && has(oldObject.status.approval)" },
+                    { "name": "after", "expression": "has(object.status) && has(object.status.approval)" },
+                ],
+                "validations": [{
+                    "expression": format!("request.userInfo.username == '{operator}' || (variables.before == variables.after && (!variables.after || object.status.approval == oldObject.status.approval))"),
+                    "message": "status.approval is the operator's record of an accepted decision; record a decision as an AgentApproval through the gateway",
+                    "reason": "Forbidden",
+                }],
+            },
+        }),
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": { "namespaceSelector": { "matchLabels": {
+                    "kubernetes.io/metadata.name": ns,
+                }}},
+            },
+        }),
+    ]
+}
+
 /// Least-privilege rules per component: templates/rbac.yaml, rule for rule.
 pub fn rules(s: &PlatformSpec, component: &str) -> Vec<Json> {
     const AP: &str = "agentplane.dev";
@@ -461,6 +507,7 @@ pub fn rules(s: &PlatformSpec, component: &str) -> Vec<Json> {
                     ],
                     &["get", "patch", "update"],
                 ),
+                rule(AP, &["agentapprovals"], &["get", "list", "watch"]),
             ];
             r.extend(events);
             r
@@ -489,6 +536,7 @@ pub fn rules(s: &PlatformSpec, component: &str) -> Vec<Json> {
                 &["create", "get", "list", "watch", "patch"],
             ),
             rule(AP, &["agenttasks/status"], &["get", "patch"]),
+            rule(AP, &["agentapprovals"], &["create"]),
             rule(AP, &["edgedevices"], &["get", "create", "patch"]),
             rule(AP, &["edgedevices/status"], &["get", "patch"]),
             rule(AP, &["agentpolicies"], &["get", "list", "watch"]),
@@ -567,6 +615,7 @@ pub fn manifests(s: &PlatformSpec) -> Vec<Json> {
         &format!("{FULLNAME}-operator"),
         "operator",
     ));
+    out.extend(approval_guard(ns));
     if s.gateway_enabled {
         // Created empty: the gateway keeps join-token hashes in it, and we never own its data.
         out.push(json!({

@@ -15,6 +15,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
 use std::io;
@@ -61,6 +62,12 @@ pub enum Error {
     Shared(String),
     #[error("CRD {name}: {reason}")]
     Crd { name: String, reason: String },
+    #[error("browser script {} failed ({status}):\n{output}", script.display())]
+    Playwright {
+        script: PathBuf,
+        status: String,
+        output: String,
+    },
 }
 
 /// Peer name as tests say it, and the variable `ci/peers.sh` writes for it.
@@ -218,6 +225,45 @@ pub async fn apply_crds(
         }
     }
     Ok(())
+}
+
+/// Runs a Playwright script (`node script`) against the chromium and playwright-core peers: the
+/// script is copied into a scratch directory whose `node_modules` is the peer's (so ESM resolution
+/// finds playwright-core without installing anything into the source tree), with `CHROMIUM` set to
+/// the browser and `env` added. It passed if it exited 0 and printed `marker`; its stdout is
+/// returned. A missing peer is an error naming it; a failed run, one carrying its whole output.
+pub fn run_playwright(
+    script: &Path,
+    env: &[(&str, &OsStr)],
+    marker: &str,
+) -> Result<String, Error> {
+    let chromium = peer_path("chromium")?;
+    let node_modules = peer_path("playwright-core")?.with_file_name("node_modules");
+    let scratch = tempfile::tempdir().map_err(Error::TempDir)?;
+    let name = script.file_name().unwrap_or(script.as_os_str());
+    let spawn = |source| Error::Spawn {
+        command: format!("node {}", script.display()),
+        source,
+    };
+    fs::copy(script, scratch.path().join(name)).map_err(spawn)?;
+    std::os::unix::fs::symlink(node_modules, scratch.path().join("node_modules")).map_err(spawn)?;
+    let mut cmd = Command::new("node");
+    cmd.arg(name)
+        .current_dir(scratch.path())
+        .env("CHROMIUM", chromium);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().map_err(spawn)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !stdout.contains(marker) {
+        return Err(Error::Playwright {
+            script: script.to_path_buf(),
+            status: out.status.to_string(),
+            output: format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
+        });
+    }
+    Ok(stdout)
 }
 
 /// A `Command` for a peer's CLI (e.g. `tofu`, `crossplane`, `helm`).

@@ -49,8 +49,8 @@ use tokio::sync::broadcast;
 use super::log::{AuditLog, DetachedFailures, LogError};
 use super::{AuditEvent, EventKind};
 use crate::store::{
-    Admission, DeviceRecord, DynStore, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
-    TaskRecord, TaskStore, Version,
+    Admission, DecisionRecord, DeviceRecord, DynStore, EnrollOutcome, Enrollment, NewTask,
+    StoreError, TaskChanged, TaskRecord, TaskStore, Version,
 };
 
 /// Most events kept for retry after append failures; beyond this the oldest are dropped (and counted).
@@ -513,6 +513,19 @@ impl TaskStore for AuditedStore {
         }
         self.remember(&t);
         Ok(t)
+    }
+
+    async fn record_decision(
+        &self,
+        task_id: &str,
+        approval: Approval,
+    ) -> Result<DecisionRecord, StoreError> {
+        // A decision is recorded in the log when the controller accepts it into the task's status.
+        self.inner.record_decision(task_id, approval).await
+    }
+
+    async fn decisions(&self, task_id: &str) -> Result<Vec<DecisionRecord>, StoreError> {
+        self.inner.decisions(task_id).await
     }
 
     async fn get_device(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {

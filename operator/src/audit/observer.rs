@@ -50,7 +50,7 @@ use std::sync::{Arc, Mutex};
 use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
 use agentplane_api::policy::AgentPolicySpec;
-use agentplane_api::task::AgentTaskStatus;
+use agentplane_api::task::{AgentTaskStatus, Approval};
 use async_trait::async_trait;
 use jiff::Timestamp;
 use serde_json::json;
@@ -60,8 +60,8 @@ use tokio::sync::broadcast;
 use super::log::{AuditLog, LogError};
 use super::{AuditEvent, EventKind};
 use crate::store::{
-    Admission, DeviceRecord, DynStore, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
-    TaskRecord, TaskStore, Version,
+    Admission, DecisionRecord, DeviceRecord, DynStore, EnrollOutcome, Enrollment, NewTask,
+    StoreError, TaskChanged, TaskRecord, TaskStore, Version,
 };
 
 /// Most events kept for retry after append failures; beyond this the oldest are dropped (and counted).
@@ -402,6 +402,19 @@ impl TaskStore for ObservedStore {
         let t = self.inner.request_cancel(id).await?;
         self.record(&t).await?;
         Ok(t)
+    }
+
+    async fn record_decision(
+        &self,
+        task_id: &str,
+        approval: Approval,
+    ) -> Result<DecisionRecord, StoreError> {
+        // A decision is recorded in the log when the controller accepts it into the task's status.
+        self.inner.record_decision(task_id, approval).await
+    }
+
+    async fn decisions(&self, task_id: &str) -> Result<Vec<DecisionRecord>, StoreError> {
+        self.inner.decisions(task_id).await
     }
 
     async fn get_device(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {

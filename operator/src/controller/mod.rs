@@ -157,82 +157,112 @@ async fn step(
     }
     match phase {
         TaskPhase::Pending => admit(store, queue, task, ledger, rego).await,
-        TaskPhase::AwaitingApproval => {
-            let Some(approval) = &task.status.approval else {
-                return Ok(Outcome::Unchanged.into());
-            };
-            // Whoever wrote the decision, it counts only if its approver is one of the policy's
-            // approvers now, at decision time (the list may have changed since the gateway checked).
-            let policy = store.get_policy().await?.unwrap_or_default();
-            if !policy::is_approver(&policy, &approval.approver) {
-                let why = format!(
-                    "decision by {:?} refused: not an approver in the AgentPolicy",
-                    approval.approver
-                );
-                return Ok(refuse_decision(store, task, "NotAnApprover", &why)
-                    .await?
-                    .into());
-            }
-            // A plan waits at one tool call: the decision must name that step and those exact
-            // arguments (a decision about other arguments, or a task-level one, is not about it).
-            if let Some(pending) = &task.status.pending_approval
-                && !approval.covers(pending)
-            {
-                let why = format!(
-                    "decision by {:?} refused: it is about step {:?} with arguments {:?}, but step {} ({}/{}) waits with arguments {}",
-                    approval.approver,
-                    approval.step,
-                    approval.args_digest,
-                    pending.step,
-                    pending.server,
-                    pending.tool,
-                    pending.args_digest
-                );
-                return Ok(refuse_decision(store, task, "DecisionMismatch", &why)
-                    .await?
-                    .into());
-            }
-            let outcome = match approval.decision {
-                ApprovalDecision::Denied => {
-                    let reason = match &task.status.pending_approval {
-                        Some(p) => format!(
-                            "denied by approver {} at step {} ({}/{})",
-                            approval.approver, p.step, p.server, p.tool
-                        ),
-                        None => format!("denied by approver {}", approval.approver),
-                    };
-                    finish(store, task, TaskPhase::Denied, &reason).await
-                }
-                ApprovalDecision::Approved => {
-                    // Rate limits and budgets were applied when the task was parked; the tier (and
-                    // its reservation in the ledger) chosen then is the one that runs.
-                    let tier = task.status.model.as_ref().and_then(|m| {
-                        Some(TierChoice {
-                            index: m.tier? as usize,
-                            name: m.selected.clone()?,
-                            requested: m.requested.clone(),
-                            estimate_micros: 0,
-                            downgrade: None,
-                        })
-                    });
-                    match tier {
-                        Some(tier) => enqueue(store, queue, task, &tier, task.status.clone()).await,
-                        None => {
-                            finish(
-                                store,
-                                task,
-                                TaskPhase::Failed,
-                                "approved task has no model tier recorded",
-                            )
-                            .await
-                        }
-                    }
-                }
-            };
-            Ok(outcome?.into())
-        }
+        TaskPhase::AwaitingApproval => decide(store, queue, task).await.map(Step::from),
         // Queued and Running belong to the workers.
         _ => Ok(Outcome::Unchanged.into()),
+    }
+}
+
+/// AwaitingApproval: looks for an approver's decision about what waits (the task, or the plan's
+/// pending call) among the task's recorded decisions, and acts on the first that counts, copying it
+/// into `status.approval` in the same write that moves the task. The controller is the only writer
+/// of `status.approval`; whoever recorded a decision, it counts only if its approver is one of the
+/// policy's approvers now, at decision time (the list may have changed since the gateway checked),
+/// and, for a plan, only if it covers the pending call (same step, same arguments).
+async fn decide(
+    store: &dyn TaskStore,
+    queue: &dyn TaskQueue,
+    task: &TaskRecord,
+) -> Result<Outcome, ControllerError> {
+    let pending = task.status.pending_approval.as_ref();
+    let decisions = store.decisions(&task.id).await?;
+    // Decisions about other steps of the plan (or the task-level one) are not about this wait.
+    let about_this_wait: Vec<_> = decisions
+        .iter()
+        .map(|d| &d.approval)
+        .filter(|a| a.step == pending.map(|p| p.step))
+        .collect();
+    if about_this_wait.is_empty() {
+        return Ok(Outcome::Unchanged);
+    }
+    let policy = store.get_policy().await?.unwrap_or_default();
+    let mut refusal = None;
+    let mut accepted = None;
+    for approval in about_this_wait {
+        if !policy::is_approver(&policy, &approval.approver) {
+            let why = format!(
+                "decision by {:?} refused: not an approver in the AgentPolicy",
+                approval.approver
+            );
+            refusal = Some(("NotAnApprover", why));
+            continue;
+        }
+        // A plan waits at one tool call: the decision must name that step and those exact
+        // arguments (a decision about other arguments is not about it).
+        if let Some(pending) = pending
+            && !approval.covers(pending)
+        {
+            let why = format!(
+                "decision by {:?} refused: it is about step {:?} with arguments {:?}, but step {} ({}/{}) waits with arguments {}",
+                approval.approver,
+                approval.step,
+                approval.args_digest,
+                pending.step,
+                pending.server,
+                pending.tool,
+                pending.args_digest
+            );
+            refusal = Some(("DecisionMismatch", why));
+            continue;
+        }
+        accepted = Some(approval);
+        break;
+    }
+    let Some(approval) = accepted else {
+        return match refusal {
+            Some((reason, why)) => refuse_decision(store, task, reason, &why).await,
+            None => Ok(Outcome::Unchanged),
+        };
+    };
+    let mut status = task.status.clone();
+    status.approval = Some(approval.clone());
+    match approval.decision {
+        ApprovalDecision::Denied => {
+            let reason = match pending {
+                Some(p) => format!(
+                    "denied by approver {} at step {} ({}/{})",
+                    approval.approver, p.step, p.server, p.tool
+                ),
+                None => format!("denied by approver {}", approval.approver),
+            };
+            finish_from(store, task, status, TaskPhase::Denied, &reason).await
+        }
+        ApprovalDecision::Approved => {
+            // Rate limits and budgets were applied when the task was parked; the tier (and its
+            // reservation in the ledger) chosen then is the one that runs.
+            let tier = task.status.model.as_ref().and_then(|m| {
+                Some(TierChoice {
+                    index: m.tier? as usize,
+                    name: m.selected.clone()?,
+                    requested: m.requested.clone(),
+                    estimate_micros: 0,
+                    downgrade: None,
+                })
+            });
+            match tier {
+                Some(tier) => enqueue(store, queue, task, &tier, status).await,
+                None => {
+                    finish_from(
+                        store,
+                        task,
+                        status,
+                        TaskPhase::Failed,
+                        "approved task has no model tier recorded",
+                    )
+                    .await
+                }
+            }
+        }
     }
 }
 
@@ -245,8 +275,17 @@ async fn refuse_decision(
     reason: &str,
     message: &str,
 ) -> Result<Outcome, ControllerError> {
+    // The refused decision stays recorded and is judged again on every reconcile: say so once.
+    let said = task.status.conditions.iter().any(|c| {
+        c.type_ == crate::store::CONDITION_APPROVED
+            && c.status == "False"
+            && c.reason == reason
+            && c.message == message
+    });
+    if said {
+        return Ok(Outcome::Unchanged);
+    }
     let mut status = task.status.clone();
-    status.approval = None;
     set_condition(
         &mut status.conditions,
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
@@ -533,10 +572,21 @@ pub(crate) async fn finish(
     phase: TaskPhase,
     reason: &str,
 ) -> Result<Outcome, ControllerError> {
+    finish_from(store, task, task.status.clone(), phase, reason).await
+}
+
+/// [`finish`] from `base` (the task's status with this reconcile's other changes in it).
+async fn finish_from(
+    store: &dyn TaskStore,
+    task: &TaskRecord,
+    base: AgentTaskStatus,
+    phase: TaskPhase,
+    reason: &str,
+) -> Result<Outcome, ControllerError> {
     let status = AgentTaskStatus {
         phase: Some(phase),
         reason: Some(reason.to_owned()),
-        ..task.status.clone()
+        ..base
     };
     write_status(store, task, status).await?;
     tracing::info!(task = %task.id, %phase, reason, "task finished by the controller");
@@ -955,13 +1005,27 @@ mod tests {
             step: None,
             args_digest: None,
         };
-        // Written around the gateway (or by a component that should not decide): refused.
+        // A decision in the task's status, written by a component that may write status (a
+        // worker): not a decision at all, only the controller's accepted record; nothing moves.
         let parked = f.store.get_task(&task.id).await.unwrap().unwrap();
         let mut status = parked.status.clone();
-        status.approval = Some(decide("mallory"));
-        let forged = write_status(&*f.store, &parked, status).await.unwrap();
+        status.approval = Some(decide("alice"));
+        let in_status = write_status(&*f.store, &parked, status).await.unwrap();
         assert_eq!(
-            reconcile(&*f.store, &*f.queue, &forged).await.unwrap(),
+            reconcile(&*f.store, &*f.queue, &in_status).await.unwrap(),
+            Outcome::Unchanged
+        );
+        let mut status = in_status.status.clone();
+        status.approval = None;
+        write_status(&*f.store, &in_status, status).await.unwrap();
+        // Recorded around the gateway by someone not in the policy's approvers: refused, once.
+        f.store
+            .record_decision(&task.id, decide("mallory"))
+            .await
+            .unwrap();
+        let parked = f.store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(
+            reconcile(&*f.store, &*f.queue, &parked).await.unwrap(),
             Outcome::Unchanged
         );
         let (waiting, cond) = f.refused(&task.id).await;
@@ -970,13 +1034,25 @@ mod tests {
             ("False", "NotAnApprover")
         );
         assert!(cond.message.contains("mallory"), "{}", cond.message);
-        // The policy's approver's decision goes through.
-        let mut status = waiting.status.clone();
-        status.approval = Some(decide("alice"));
-        let approved = write_status(&*f.store, &waiting, status).await.unwrap();
+        // Judged again on the next reconcile, but the refusal is not written twice.
+        reconcile(&*f.store, &*f.queue, &waiting).await.unwrap();
+        let again = f.store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(again.version, waiting.version);
+        // The policy's approver's decision goes through, and becomes the task's accepted record.
+        let alices = decide("alice");
+        f.store
+            .record_decision(&task.id, alices.clone())
+            .await
+            .unwrap();
         assert_eq!(
-            reconcile(&*f.store, &*f.queue, &approved).await.unwrap(),
+            reconcile(&*f.store, &*f.queue, &again).await.unwrap(),
             Outcome::Moved(TaskPhase::Queued)
+        );
+        let queued = f.store.get_task(&task.id).await.unwrap().unwrap();
+        let accepted = queued.status.approval.unwrap();
+        assert_eq!(
+            (accepted.approver, accepted.decision),
+            (alices.approver, alices.decision)
         );
     }
 
@@ -1020,10 +1096,8 @@ mod tests {
             let store = f.store.clone();
             let id = id.to_owned();
             async move {
-                let t = store.get_task(&id).await.unwrap().unwrap();
-                let mut status = t.status.clone();
-                status.approval = Some(approval);
-                write_status(&*store, &t, status).await.unwrap()
+                store.record_decision(&id, approval).await.unwrap();
+                store.get_task(&id).await.unwrap().unwrap()
             }
         };
         // Approving other arguments than the pending call's: refused, still waiting.

@@ -4,12 +4,13 @@
 //! Each reconcile goes through kube's `finalizer` helper (tasks are born with the finalizer, see
 //! `store::kubernetes::FINALIZER`; a task created around the gateway gets it on first sight) and then
 //! runs the same [`super::reconcile`] step as the embedded runtime, against the Kubernetes store and
-//! SQS. Notable decisions are also recorded as Kubernetes Events on the task.
+//! SQS. It also watches AgentApprovals, each waking the task it names. Notable decisions are also recorded as Kubernetes Events on the task.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane_api::TaskPhase;
+use agentplane_api::approval::AgentApproval;
 use agentplane_api::task::{AgentTask, TRACEPARENT_ANNOTATION};
 use futures::StreamExt as _;
 use k8s_openapi::api::batch::v1::Job;
@@ -19,6 +20,7 @@ use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
@@ -273,7 +275,15 @@ async fn load_ledger(ctx: Arc<Context>, stop: CancellationToken) {
 
 async fn controller(ctx: Arc<Context>, concurrency: u16, stop: CancellationToken) {
     let api = ctx.store.tasks_api().clone();
-    let mut tasks = Controller::new(api, watcher::Config::default());
+    let namespace = ctx.store.namespace().to_owned();
+    // An approver's decision is its own object: its arrival wakes the task it names.
+    let mut tasks = Controller::new(api, watcher::Config::default()).watches(
+        ctx.store.approvals_api().clone(),
+        watcher::Config::default(),
+        move |a: AgentApproval| {
+            Some(ObjectRef::<AgentTask>::new(&a.spec.task_ref.name).within(&namespace))
+        },
+    );
     if let Some(jobs) = &ctx.jobs {
         // A GPU Job's status change (failed, completed) wakes its owner task's reconcile.
         tasks = tasks.owns(jobs.clone(), watcher::Config::default().labels(TASK_LABEL));

@@ -29,10 +29,7 @@ use super::error::ApiError;
 use super::events::Update;
 use crate::policy;
 use crate::store::seq_window::SeqRefusal;
-use crate::store::{
-    Admission, EnrollOutcome, Enrollment, NewTask, StoreError, TaskRecord, hash_secret,
-    write_status,
-};
+use crate::store::{Admission, EnrollOutcome, Enrollment, NewTask, TaskRecord, hash_secret};
 
 /// Longest approval comment kept.
 const MAX_COMMENT_BYTES: usize = 1024;
@@ -461,7 +458,7 @@ pub async fn list_approvals(
         .list_unfinished()
         .await?
         .into_iter()
-        .filter(|t| t.phase() == TaskPhase::AwaitingApproval && t.status.approval.is_none())
+        .filter(|t| t.phase() == TaskPhase::AwaitingApproval)
         .collect();
     waiting.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(Json(ApprovalList {
@@ -497,64 +494,60 @@ async fn decide(
             format!("comment is over {MAX_COMMENT_BYTES} bytes"),
         ));
     }
-    for _ in 0..3 {
-        let task = state
-            .store
-            .get_task(&id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("task {id:?} not found")))?;
-        if task.phase() != TaskPhase::AwaitingApproval || task.status.approval.is_some() {
-            return Err(ApiError::conflict(
-                "not_awaiting_approval",
-                format!("task is {} and not awaiting a decision", task.phase()),
-            ));
-        }
-        let pending = pending_approval(&task);
-        if request.step != pending.step {
-            return Err(ApiError::conflict(
-                "step_mismatch",
-                match (request.step, pending.step) {
-                    (Some(asked), None) => format!(
-                        "the decision names step {asked}, but the task awaits a task-level approval"
-                    ),
-                    (None, Some(waiting)) => {
-                        format!("the task awaits approval of step {waiting}; send --step {waiting}")
-                    }
-                    (asked, waiting) => format!(
-                        "the decision names step {asked:?}, but the task waits at step {waiting:?}"
-                    ),
-                },
-            ));
-        }
-        if request.args_digest.is_some() && request.args_digest != pending.args_digest {
-            return Err(ApiError::conflict(
-                "args_mismatch",
-                "the arguments you decided on are not the pending call's; list approvals again",
-            ));
-        }
-        let mut status = task.status.clone();
-        status.approval = Some(Approval {
-            decision,
-            approver: approver.clone(),
-            decided_at: Time(jiff::Timestamp::now()),
-            comment: request.comment.clone(),
-            // The call decided on: the one just checked to be pending (same step, same digest).
-            step: pending.step,
-            args_digest: pending.args_digest.clone(),
-        });
-        match write_status(&*state.store, &task, status).await {
-            Ok(t) => {
-                tracing::info!(task = %id, %approver, ?decision, "approval recorded");
-                return Ok(Json(view(&t)));
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
+    let task = state
+        .store
+        .get_task(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("task {id:?} not found")))?;
+    // The controller moves the task out of AwaitingApproval in the write that accepts a decision,
+    // so the phase alone says whether one is still wanted (`status.approval` is the record of an
+    // accepted decision, perhaps of an earlier step, and is no signal here).
+    if task.phase() != TaskPhase::AwaitingApproval {
+        return Err(ApiError::conflict(
+            "not_awaiting_approval",
+            format!("task is {} and not awaiting a decision", task.phase()),
+        ));
     }
-    Err(ApiError::conflict(
-        "conflict",
-        "the task kept changing; retry",
-    ))
+    let pending = pending_approval(&task);
+    if request.step != pending.step {
+        return Err(ApiError::conflict(
+            "step_mismatch",
+            match (request.step, pending.step) {
+                (Some(asked), None) => format!(
+                    "the decision names step {asked}, but the task awaits a task-level approval"
+                ),
+                (None, Some(waiting)) => {
+                    format!("the task awaits approval of step {waiting}; send --step {waiting}")
+                }
+                (asked, waiting) => format!(
+                    "the decision names step {asked:?}, but the task waits at step {waiting:?}"
+                ),
+            },
+        ));
+    }
+    if request.args_digest.is_some() && request.args_digest != pending.args_digest {
+        return Err(ApiError::conflict(
+            "args_mismatch",
+            "the arguments you decided on are not the pending call's; list approvals again",
+        ));
+    }
+    let approval = Approval {
+        decision,
+        approver: approver.clone(),
+        decided_at: Time(jiff::Timestamp::now()),
+        comment: request.comment.clone(),
+        // The call decided on: the one just checked to be pending (same step, same digest).
+        step: pending.step,
+        args_digest: pending.args_digest.clone(),
+    };
+    // Recorded as its own object (never in the task's status): the controller re-checks it and
+    // copies it into `status.approval` when it moves the task.
+    let recorded = state.store.record_decision(&id, approval).await?;
+    tracing::info!(task = %id, %approver, ?decision, record = %recorded.name, "decision recorded");
+    // The view shows the decision as recorded; the task's own record follows once accepted.
+    let mut answer = view(&task);
+    answer.approval = Some(recorded.approval);
+    Ok(Json(answer))
 }
 
 /// `POST /v1/devices/enroll`.

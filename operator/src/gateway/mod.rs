@@ -2,6 +2,7 @@
 //! `agentplane dev` and the distributed `agentplane gateway`; only the store behind it differs.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod handlers;
@@ -145,6 +146,7 @@ pub fn router(state: AppState) -> Router {
         router = router.route(path, handler);
     }
     router
+        .merge(console::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -8,6 +8,9 @@
 //! - Devices are `EdgeDevice`s; the replay guard is `status.lastSeq` with its window map
 //!   `status.seqWindow` (see `seq_window`), moved with a write conditional on the device's
 //!   resourceVersion (and a CEL rule that refuses any move of lastSeq backwards).
+//! - An approver's decision is an `AgentApproval` (generated name `<task>-…`, labelled with its task),
+//!   created by the gateway; the task itself is not written, so recording one needs no access to task
+//!   status. The operator's controller watches them and maps each to its task.
 //! - The policy is the `AgentPolicy` named `default`, cached from a watch.
 //! - Join tokens live, hashed, in the Secret [`JOIN_TOKENS_SECRET`]; spending one is a conditional
 //!   replace of that Secret.
@@ -17,9 +20,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use agentplane_api::TaskPhase;
+use agentplane_api::approval::{AgentApproval, AgentApprovalSpec, TASK_LABEL, TaskRef};
 use agentplane_api::device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, SEQ_WINDOW};
 use agentplane_api::policy::{AgentPolicy, AgentPolicySpec, ModelTier};
-use agentplane_api::task::{AgentTask, AgentTaskSpec, AgentTaskStatus, TRACEPARENT_ANNOTATION};
+use agentplane_api::task::{
+    AgentTask, AgentTaskSpec, AgentTaskStatus, Approval, TRACEPARENT_ANNOTATION,
+};
 use agentplane_api::wire::traceparent_trace_id;
 use async_trait::async_trait;
 use futures::StreamExt as _;
@@ -37,8 +43,8 @@ use tokio::task::JoinHandle;
 
 use super::seq_window::{SeqRefusal, SeqWindow};
 use super::{
-    Admission, DeviceRecord, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
-    TaskRecord, TaskStore, Version,
+    Admission, DecisionRecord, DeviceRecord, EnrollOutcome, Enrollment, NewTask, StoreError,
+    TaskChanged, TaskRecord, TaskStore, Version,
 };
 
 /// The field manager of every write the runtime makes.
@@ -74,6 +80,7 @@ type PolicyCache = Arc<RwLock<Option<Option<AgentPolicySpec>>>>;
 pub struct KubeStore {
     namespace: String,
     tasks: Api<AgentTask>,
+    approvals: Api<AgentApproval>,
     devices: Api<EdgeDevice>,
     policies: Api<AgentPolicy>,
     secrets: Api<Secret>,
@@ -153,6 +160,14 @@ fn device_record(obj: &EdgeDevice) -> DeviceRecord {
     }
 }
 
+fn decision_record(obj: &AgentApproval) -> DecisionRecord {
+    DecisionRecord {
+        name: obj.name_any(),
+        task_id: obj.spec.task_ref.name.clone(),
+        approval: obj.spec.approval.clone(),
+    }
+}
+
 fn publish(changes: &broadcast::Sender<TaskChanged>, task: TaskRecord) {
     // No receivers is fine: nobody is watching yet.
     let _ = changes.send(TaskChanged {
@@ -184,6 +199,7 @@ impl KubeStore {
         let watchers = vec![tokio::spawn(watch_policy(policies.clone(), policy.clone()))];
         Arc::new(KubeStore {
             devices: Api::namespaced(client.clone(), &namespace),
+            approvals: Api::namespaced(client.clone(), &namespace),
             secrets: Api::namespaced(client, &namespace),
             tasks,
             policies,
@@ -199,6 +215,11 @@ impl KubeStore {
     /// The AgentTask API of this namespace (for the operator's controller).
     pub fn tasks_api(&self) -> &Api<AgentTask> {
         &self.tasks
+    }
+
+    /// The AgentApproval API of this namespace (for the operator's controller, which watches it).
+    pub fn approvals_api(&self) -> &Api<AgentApproval> {
+        &self.approvals
     }
 
     /// Records `seq` in the device's replay window (lastSeq moves up to it if it is higher):
@@ -531,6 +552,64 @@ impl TaskStore for KubeStore {
         let record = task_record(&obj);
         publish(&self.changes, record.clone());
         Ok(record)
+    }
+
+    async fn record_decision(
+        &self,
+        task_id: &str,
+        approval: Approval,
+    ) -> Result<DecisionRecord, StoreError> {
+        let obj = AgentApproval {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{task_id}-")),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(BTreeMap::from([(
+                    TASK_LABEL.to_owned(),
+                    task_id.to_owned(),
+                )])),
+                ..Default::default()
+            },
+            spec: AgentApprovalSpec {
+                task_ref: TaskRef {
+                    name: task_id.to_owned(),
+                },
+                approval,
+            },
+        };
+        let created = self
+            .approvals
+            .create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| api_error("AgentApproval", task_id, e))?;
+        // The operator's controller sees the new object through its own watch of AgentApprovals.
+        Ok(decision_record(&created))
+    }
+
+    async fn decisions(&self, task_id: &str) -> Result<Vec<DecisionRecord>, StoreError> {
+        let params = ListParams::default().labels(&format!("{TASK_LABEL}={task_id}"));
+        let list = self
+            .approvals
+            .list(&params)
+            .await
+            .map_err(|e| api_error("AgentApproval", task_id, e))?;
+        // The label is only an index: a decision counts for the task its spec names.
+        let mut out: Vec<(Timestamp, DecisionRecord)> = list
+            .items
+            .iter()
+            .filter(|a| a.spec.task_ref.name == task_id)
+            .map(|a| {
+                let created = a
+                    .meta()
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0)
+                    .unwrap_or(Timestamp::UNIX_EPOCH);
+                (created, decision_record(a))
+            })
+            .collect();
+        // Oldest first; the name breaks ties within the API server's one-second timestamps.
+        out.sort_by(|(a, x), (b, y)| (a, &x.name).cmp(&(b, &y.name)));
+        Ok(out.into_iter().map(|(_, d)| d).collect())
     }
 
     async fn get_device(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {

@@ -1,4 +1,5 @@
-//! The task store: tasks, devices, the namespace's policy and enrollment join tokens.
+//! The task store: tasks, approvers' decisions, devices, the namespace's policy and enrollment join
+//! tokens.
 //!
 //! Two implementations share this trait: the embedded SQLite store (`sqlite`) used by `agentplane dev`,
 //! and the Kubernetes API (`kubernetes`), where a record is a custom resource. The trait is shaped so that
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use agentplane_api::TaskPhase;
 use agentplane_api::device::{EdgeDeviceSpec, EdgeDeviceStatus};
 use agentplane_api::policy::AgentPolicySpec;
-use agentplane_api::task::{AgentTaskSpec, AgentTaskStatus};
+use agentplane_api::task::{AgentTaskSpec, AgentTaskStatus, Approval};
 use async_trait::async_trait;
 use jiff::Timestamp;
 use tokio::sync::broadcast;
@@ -59,6 +60,16 @@ pub struct DeviceRecord {
     pub spec: EdgeDeviceSpec,
     pub status: EdgeDeviceStatus,
     pub version: Version,
+}
+
+/// One approver's decision as recorded (an `AgentApproval`), not yet judged: the controller accepts
+/// it into the task's `status.approval` only after re-checking it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecisionRecord {
+    /// The record's name (the AgentApproval's object name in Kubernetes).
+    pub name: String,
+    pub task_id: String,
+    pub approval: Approval,
 }
 
 /// A task the gateway wants to admit.
@@ -179,6 +190,18 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Sets `spec.cancel = true` (idempotent).
     async fn request_cancel(&self, id: &str) -> Result<TaskRecord, StoreError>;
+
+    /// Records an approver's decision about task `task_id` as its own record, apart from the task
+    /// (so writing one never needs write access to task status), and wakes the task's watchers.
+    /// Nothing is judged here: the controller re-checks it before it counts.
+    async fn record_decision(
+        &self,
+        task_id: &str,
+        approval: Approval,
+    ) -> Result<DecisionRecord, StoreError>;
+
+    /// Every decision recorded about task `task_id`, oldest first.
+    async fn decisions(&self, task_id: &str) -> Result<Vec<DecisionRecord>, StoreError>;
 
     async fn get_device(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError>;
 

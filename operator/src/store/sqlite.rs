@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use agentplane_api::TaskPhase;
 use agentplane_api::device::{EdgeDeviceSpec, EdgeDeviceStatus};
 use agentplane_api::policy::AgentPolicySpec;
-use agentplane_api::task::AgentTaskStatus;
+use agentplane_api::task::{AgentTaskStatus, Approval};
 use async_trait::async_trait;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -20,8 +20,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::seq_window::SeqWindow;
 use super::{
-    Admission, DeviceRecord, EnrollOutcome, Enrollment, NewTask, StoreError, TaskChanged,
-    TaskRecord, TaskStore, Version,
+    Admission, DecisionRecord, DeviceRecord, EnrollOutcome, Enrollment, NewTask, StoreError,
+    TaskChanged, TaskRecord, TaskStore, Version,
 };
 
 /// Jobs waiting for the database thread; senders wait (backpressure) when it is full.
@@ -44,6 +44,13 @@ CREATE TABLE IF NOT EXISTS tasks (
 -- The replay guard's second line: one task per (device, seq), whatever lastSeq says.
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_device_seq ON tasks(device, seq);
 CREATE INDEX IF NOT EXISTS tasks_phase ON tasks(phase);
+-- Approvers' decisions, kept apart from the task's status (the controller copies the one it accepts).
+CREATE TABLE IF NOT EXISTS approvals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    approval TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_task ON approvals(task_id, id);
 CREATE TABLE IF NOT EXISTS devices (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
@@ -444,6 +451,62 @@ impl TaskStore for SqliteStore {
             tx.commit().map_err(be)?;
             publish(&changes, &updated);
             Ok(updated)
+        })
+        .await
+    }
+
+    async fn record_decision(
+        &self,
+        task_id: &str,
+        approval: Approval,
+    ) -> Result<DecisionRecord, StoreError> {
+        let task_id = task_id.to_owned();
+        let changes = self.changes.clone();
+        self.call(move |conn| {
+            let tx = conn.transaction().map_err(be)?;
+            let task = read_task(&tx, &task_id)?.ok_or_else(|| StoreError::NotFound {
+                kind: "AgentTask",
+                id: task_id.clone(),
+            })?;
+            tx.execute(
+                "INSERT INTO approvals (task_id, approval) VALUES (?1, ?2)",
+                params![task_id, to_json(&approval)?],
+            )
+            .map_err(be)?;
+            let name = format!("{task_id}-{}", tx.last_insert_rowid());
+            tx.commit().map_err(be)?;
+            // The task did not change, but whoever decides about it must look again.
+            publish(&changes, &task);
+            Ok(DecisionRecord {
+                name,
+                task_id,
+                approval,
+            })
+        })
+        .await
+    }
+
+    async fn decisions(&self, task_id: &str) -> Result<Vec<DecisionRecord>, StoreError> {
+        let task_id = task_id.to_owned();
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT id, approval FROM approvals WHERE task_id = ?1 ORDER BY id")
+                .map_err(be)?;
+            let rows = stmt
+                .query_map(params![task_id], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(be)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, approval) = row.map_err(be)?;
+                out.push(DecisionRecord {
+                    name: format!("{task_id}-{id}"),
+                    task_id: task_id.clone(),
+                    approval: from_json(&approval)?,
+                });
+            }
+            Ok(out)
         })
         .await
     }
