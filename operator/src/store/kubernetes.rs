@@ -18,7 +18,9 @@ use std::sync::{Arc, RwLock};
 
 use agentplane_api::TaskPhase;
 use agentplane_api::device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, SEQ_WINDOW};
-use agentplane_api::policy::{AgentPolicy, AgentPolicySpec, ModelTier};
+use agentplane_api::policy::{
+    AgentPolicy, AgentPolicySpec, AgentPolicyStatus, BreakerTrip, ModelTier,
+};
 use agentplane_api::task::{AgentTask, AgentTaskSpec, AgentTaskStatus, TRACEPARENT_ANNOTATION};
 use agentplane_api::wire::traceparent_trace_id;
 use async_trait::async_trait;
@@ -717,6 +719,46 @@ impl TaskStore for KubeStore {
         // Read-your-writes for this process; the watch confirms it shortly.
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(spec));
         Ok(())
+    }
+
+    async fn trip_breaker(&self, trip: BreakerTrip) -> Result<bool, StoreError> {
+        let err = |e| api_error("AgentPolicy", POLICY_NAME, e);
+        let Some(policy) = self.policies.get_opt(POLICY_NAME).await.map_err(err)? else {
+            return Ok(false);
+        };
+        if policy.spec.suspend {
+            return Ok(false);
+        }
+        // Conditional on the version read: a policy edited meanwhile is read and decided again.
+        let suspend = serde_json::json!({
+            "metadata": { "resourceVersion": policy.resource_version() },
+            "spec": { "suspend": true },
+        });
+        let patched = self
+            .policies
+            .patch(
+                POLICY_NAME,
+                &PatchParams::default(),
+                &Patch::Merge(&suspend),
+            )
+            .await
+            .map_err(err)?;
+        let status = serde_json::json!({ "status": AgentPolicyStatus { last_trip: Some(trip) } });
+        self.policies
+            .patch_status(POLICY_NAME, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .map_err(err)?;
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(patched.spec));
+        Ok(true)
+    }
+
+    async fn policy_status(&self) -> Result<Option<AgentPolicyStatus>, StoreError> {
+        Ok(self
+            .policies
+            .get_opt(POLICY_NAME)
+            .await
+            .map_err(|e| api_error("AgentPolicy", POLICY_NAME, e))?
+            .map(|p| p.status.unwrap_or_default()))
     }
 
     fn changes(&self) -> broadcast::Receiver<TaskChanged> {
