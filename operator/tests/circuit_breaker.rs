@@ -1,10 +1,14 @@
 //! The circuit breaker trips in the embedded runtime (`agentplane dev`): failing tasks or spend over
 //! `AgentPolicy.spec.circuitBreaker` suspend the namespace, record `status.lastTrip`, append an audit
-//! leaf and count `agentplane_circuit_breaker_trips_total`; a task submitted afterwards is held.
+//! leaf and count `agentplane_circuit_breaker_trips_total`; a task submitted afterwards is held. The
+//! last test does the same in the distributed runtime (operator and worker processes over
+//! kube-apiserver + etcd and moto), where the trip is also a Kubernetes Event.
 //!
 //! The model endpoint is a local HTTP server speaking the OpenAI chat-completions wire format (no
 //! real model runs here): `/fail/...` answers HTTP 400, which fails a task at once without a retry;
 //! `/ok/...` answers a proper completion with usage (11 prompt + 7 completion tokens).
+
+mod cluster;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +17,7 @@ use std::time::Duration;
 use agentplane::audit::{AuditEvent, EventKind};
 use agentplane::client::DeviceIdentity;
 use agentplane::runtime::{Embedded, EmbeddedConfig, default_policy};
-use agentplane::store::{Admission, NewTask, TaskRecord};
+use agentplane::store::{Admission, NewTask, TaskRecord, TaskStore};
 use agentplane::worker::WorkerConfig;
 use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
@@ -344,4 +348,138 @@ async fn spend_over_the_window_limit_trips_the_breaker() {
     assert_eq!(trips_metric(&h, "failures"), None);
     assert_eq!(breaker_leaves(&h, 1).await.len(), 1);
     h.rt.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_failing_tasks_trip_the_breaker_with_an_event_and_an_audit_leaf() {
+    use agentplane_api::policy::AgentPolicy;
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::Api;
+
+    let c = cluster::Cluster::new("breaker").await;
+    let mut policy = cluster::policy();
+    policy.circuit_breaker = Some(CircuitBreaker {
+        failures: Some(2),
+        min_tasks: 2,
+        ..five_failures()
+    });
+    c.store.put_policy(policy).await.unwrap();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let log = audit_dir.path().join("audit.sqlite");
+    let operator = c.operator_with(
+        "op-breaker",
+        &[("AGENTPLANE_AUDIT_LOG", log.to_string_lossy().into_owned())],
+    );
+    let _worker = c.worker("worker-breaker");
+    let d = c.device("kiosk-1").await;
+    let policies: Api<AgentPolicy> = Api::namespaced(c.client.clone(), &c.namespace);
+
+    // The builtin:fail tier: each task fails after its retries (dead-lettered).
+    let failing = |seq| {
+        let mut p = d.intent(seq, "summarize", "this always fails");
+        p.required_resources.model = Some("broken".into());
+        p
+    };
+    let first = c.admit(&d, &failing(1)).await;
+    assert_eq!(c.wait_terminal(&first).await.phase(), TaskPhase::Failed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !policies.get("default").await.unwrap().spec.suspend,
+        "one failure of a 2-failure breaker must not trip"
+    );
+    let second = c.admit(&d, &failing(2)).await;
+    assert_eq!(c.wait_terminal(&second).await.phase(), TaskPhase::Failed);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Two writes (spec.suspend, then the status subresource): wait for both.
+    let stored = loop {
+        let p = policies.get("default").await.unwrap();
+        if p.spec.suspend && p.status.as_ref().is_some_and(|s| s.last_trip.is_some()) {
+            break p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the breaker did not trip\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let trip = stored
+        .status
+        .and_then(|s| s.last_trip)
+        .expect("status.lastTrip is written");
+    assert_eq!((trip.tasks, trip.failures), (2, 2));
+    assert!(
+        trip.reason.contains("2 of 2 tasks failed"),
+        "{}",
+        trip.reason
+    );
+
+    // The Event on the AgentPolicy.
+    let events: Api<Event> = Api::namespaced(c.client.clone(), &c.namespace);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("CircuitBreakerTripped")
+                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("AgentPolicy")
+            });
+        if let Some(e) = found {
+            assert!(
+                e.note.unwrap_or_default().contains("2 of 2 tasks failed"),
+                "the Event says why"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no CircuitBreakerTripped Event"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The metric on the operator's /metrics.
+    let m = cluster::samples(&operator.metrics_text().await);
+    let trips: f64 = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("agentplane_circuit_breaker_trips_total")
+                && k.contains("reason=\"failures\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(trips, 1.0, "{m:?}");
+
+    // Suspended: a new task stays Pending and nothing is queued for it.
+    let held = c.admit(&d, &d.intent(3, "summarize", "held")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = c.store.get_task(&held).await.unwrap().unwrap();
+    assert_eq!(t.phase(), TaskPhase::Pending);
+
+    // The audit leaf, from the operator's log once it has stopped.
+    operator.terminate().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentplane"))
+        .args(["audit", "export", "--log"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leaves: Vec<AuditEvent> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| AuditEvent::from_leaf(l.as_bytes()).unwrap())
+        .filter(|e| e.task == "agentpolicy/default")
+        .collect();
+    assert_eq!(leaves.len(), 1, "{leaves:?}");
+    assert_eq!(leaves[0].kind, EventKind::Decision);
+    assert_eq!(leaves[0].reason.as_deref(), Some(trip.reason.as_str()));
 }

@@ -33,6 +33,10 @@ use crate::store::{CONDITION_COMPLETED, DynStore, StoreError, TaskRecord};
 /// then counts its whole spend again once, erring towards tripping).
 const MAX_TRACKED: usize = 100_000;
 
+/// How often a watcher whose policy has no `circuitBreaker` looks again (the policy read is served
+/// from the store's cache).
+const ENABLE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Publishes a trip where operators look (a Kubernetes Event on the AgentPolicy).
 #[async_trait]
 pub trait TripNotifier: Send + Sync {
@@ -146,6 +150,20 @@ pub struct BreakerWatch {
 impl BreakerWatch {
     /// Runs until `shutdown` or until the store's change feed closes.
     pub async fn run(self, shutdown: CancellationToken) {
+        // Subscribing to the Kubernetes store's changes starts a second watch of every AgentTask
+        // in the operator (the controller has its own): a cost per task, so it is paid only once
+        // a policy asks for a breaker. Tasks that finished before are read from the listing below.
+        loop {
+            match self.store.get_policy().await {
+                Ok(Some(p)) if p.circuit_breaker.is_some() => break,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "circuit breaker: could not read the policy"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(ENABLE_POLL) => {}
+            }
+        }
         let mut changes = self.store.changes();
         let mut evidence = Evidence::default();
         // What the namespace did before this watcher started, within the window.
