@@ -537,3 +537,81 @@ impl McpSession {
 
 /// Sessions shared by a worker's plans, one per server name.
 pub type SharedSession = Arc<McpSession>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crashes_timeouts_and_connects_are_retried_everything_else_fails_the_task() {
+        let s = || "srv".to_owned();
+        let w = || "tool x".to_owned();
+        let retried = [
+            McpError::Connect {
+                server: s(),
+                reason: "refused".into(),
+            },
+            McpError::Timeout {
+                server: s(),
+                what: w(),
+                seconds: 1,
+            },
+            McpError::Crashed {
+                server: s(),
+                what: w(),
+                reason: "exited".into(),
+            },
+        ];
+        let failed = [
+            McpError::TooManyTools {
+                server: s(),
+                max: 1,
+            },
+            McpError::ResultTooLarge {
+                server: s(),
+                tool: "x".into(),
+                bytes: 2,
+                max: 1,
+            },
+            McpError::MessageTooLarge {
+                server: s(),
+                what: w(),
+                max: 1,
+            },
+            McpError::Protocol {
+                server: s(),
+                what: w(),
+                reason: "bad".into(),
+            },
+            McpError::Refused {
+                server: s(),
+                what: w(),
+                code: -32602,
+                message: "bad arguments".into(),
+            },
+            McpError::Secret {
+                server: s(),
+                name: "TOKEN".into(),
+                reason: "missing".into(),
+            },
+        ];
+        for e in &retried {
+            assert!(e.is_transient(), "{e}");
+        }
+        for e in &failed {
+            assert!(!e.is_transient(), "{e}");
+            assert!(e.to_string().starts_with("MCP server srv"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_redactor_cuts_secret_values_but_not_tiny_ones() {
+        let mut r = Redactor::default();
+        r.add("s3cret-value");
+        r.add("ab");
+        assert_eq!(
+            r.clean("got s3cret-value twice: s3cret-value, ab"),
+            "got [redacted] twice: [redacted], ab"
+        );
+    }
+}
