@@ -391,7 +391,7 @@ async fn on_kubernetes_failing_tasks_trip_the_breaker_with_an_event_and_an_audit
     assert_eq!(c.wait_terminal(&second).await.phase(), TaskPhase::Failed);
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    // Two writes (spec.suspend, then the status subresource): wait for both.
+    // Two writes (the status subresource, then spec.suspend): wait for both.
     let stored = loop {
         let p = policies.get("default").await.unwrap();
         if p.spec.suspend && p.status.as_ref().is_some_and(|s| s.last_trip.is_some()) {

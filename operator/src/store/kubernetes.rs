@@ -729,9 +729,21 @@ impl TaskStore for KubeStore {
         if policy.spec.suspend {
             return Ok(false);
         }
-        // Conditional on the version read: a policy edited meanwhile is read and decided again.
-        let suspend = serde_json::json!({
+        // Two writes (the status subresource and spec), each conditional on the version before
+        // it: a policy edited meanwhile is read and decided again. The record goes first: if the
+        // suspend then fails, the policy is still not suspended, so the next check trips again and
+        // rewrites the record; the other order could leave a suspension nobody explains.
+        let status = serde_json::json!({
             "metadata": { "resourceVersion": policy.resource_version() },
+            "status": AgentPolicyStatus { last_trip: Some(trip) },
+        });
+        let recorded = self
+            .policies
+            .patch_status(POLICY_NAME, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .map_err(err)?;
+        let suspend = serde_json::json!({
+            "metadata": { "resourceVersion": recorded.resource_version() },
             "spec": { "suspend": true },
         });
         let patched = self
@@ -741,11 +753,6 @@ impl TaskStore for KubeStore {
                 &PatchParams::default(),
                 &Patch::Merge(&suspend),
             )
-            .await
-            .map_err(err)?;
-        let status = serde_json::json!({ "status": AgentPolicyStatus { last_trip: Some(trip) } });
-        self.policies
-            .patch_status(POLICY_NAME, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .map_err(err)?;
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(patched.spec));
