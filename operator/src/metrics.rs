@@ -84,6 +84,11 @@ pub const METRICS: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "agentplane_circuit_breaker_trips_total",
+        "Automatic suspensions of a namespace by its AgentPolicy's circuit breaker, by trigger.",
+        Kind::Counter,
+    ),
+    (
         "agentplane_tasks_deleted_total",
         "AgentTasks deleted, by the phase they were in.",
         Kind::Counter,

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, AuditLogConfig, AuditedStore, Ed25519Signer, LogError};
 use crate::controller::Controller;
+use crate::controller::breaker::BreakerWatch;
 use crate::gateway::serve::{self, ServeError, TlsFiles};
 use crate::gateway::{self, AppState, GatewayConfig};
 use crate::metrics::Metrics;
@@ -302,6 +303,14 @@ impl Embedded {
             resync: cfg.resync,
         };
         tasks.push(tokio::spawn(controller.run(shutdown.clone())));
+        // The circuit breaker: no Kubernetes here, so a trip is recorded by the audit leaf (the
+        // audited store appends it), the metric and a warning log line.
+        let breaker = BreakerWatch {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            notifier: None,
+        };
+        tasks.push(tokio::spawn(breaker.run(shutdown.clone())));
         let worker = Arc::new(Worker {
             store: store.clone(),
             queue: queue.clone(),

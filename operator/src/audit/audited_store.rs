@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 
 use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
-use agentplane_api::policy::AgentPolicySpec;
+use agentplane_api::policy::{AgentPolicySpec, AgentPolicyStatus, BreakerTrip};
 use agentplane_api::task::{AgentTaskStatus, Approval};
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -567,6 +567,20 @@ impl TaskStore for AuditedStore {
 
     async fn put_policy(&self, spec: AgentPolicySpec) -> Result<(), StoreError> {
         self.inner.put_policy(spec).await
+    }
+
+    async fn trip_breaker(&self, trip: BreakerTrip) -> Result<bool, StoreError> {
+        self.ready().await?;
+        let event = super::breaker_event(self.inner.namespace(), &trip);
+        let tripped = self.inner.trip_breaker(trip).await?;
+        if tripped {
+            self.record(vec![event]).await?;
+        }
+        Ok(tripped)
+    }
+
+    async fn policy_status(&self) -> Result<Option<AgentPolicyStatus>, StoreError> {
+        self.inner.policy_status().await
     }
 
     fn changes(&self) -> broadcast::Receiver<TaskChanged> {

@@ -118,6 +118,31 @@ impl AuditEvent {
     }
 }
 
+/// The leaf of a circuit-breaker trip: a `decision` (the runtime suspended the namespace), about
+/// the policy rather than a task, so `task` names the policy (`agentpolicy/default`), `reason` is the
+/// trip's reason and `details` its figures. Keyed by the trip's time, so a replay adds nothing.
+pub fn breaker_event(
+    namespace: &str,
+    trip: &agentplane_api::policy::BreakerTrip,
+) -> (String, AuditEvent) {
+    let subject = format!("agentpolicy/{}", crate::store::sqlite::POLICY_NAME);
+    let mut e = AuditEvent::new(EventKind::Decision, namespace, &subject);
+    e.at = trip.tripped_at.0;
+    e.actor = Some("circuit-breaker".into());
+    e.reason = Some(trip.reason.clone());
+    e.details = serde_json::json!({
+        "suspend": true,
+        "tasks": trip.tasks,
+        "failures": trip.failures,
+        "spendMicros": trip.spend_micros,
+    });
+    let key = format!(
+        "{namespace}/{subject}/breaker@{}",
+        trip.tripped_at.0.as_millisecond()
+    );
+    (key, e)
+}
+
 /// Why admission control holds a pending task (its `Admitted=False` condition's message), if it does.
 /// A denial also sets `Admitted=False`, but a denied task is no longer Pending.
 pub(crate) fn held_reason(status: &AgentTaskStatus) -> Option<&str> {

@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 
 use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
-use agentplane_api::policy::AgentPolicySpec;
+use agentplane_api::policy::{AgentPolicySpec, AgentPolicyStatus, BreakerTrip};
 use agentplane_api::task::{AgentTaskStatus, Approval};
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -456,6 +456,27 @@ impl TaskStore for ObservedStore {
 
     async fn put_policy(&self, spec: AgentPolicySpec) -> Result<(), StoreError> {
         self.inner.put_policy(spec).await
+    }
+
+    async fn trip_breaker(&self, trip: BreakerTrip) -> Result<bool, StoreError> {
+        self.ready().await?;
+        let event = super::breaker_event(self.inner.namespace(), &trip);
+        let tripped = self.inner.trip_breaker(trip).await?;
+        if tripped {
+            self.observer
+                .append_all(vec![event])
+                .await
+                .map_err(|e| {
+                    StoreError::Backend(format!(
+                        "the circuit breaker's trip committed but its audit record could not be appended (kept for retry): {e}"
+                    ))
+                })?;
+        }
+        Ok(tripped)
+    }
+
+    async fn policy_status(&self) -> Result<Option<AgentPolicyStatus>, StoreError> {
+        self.inner.policy_status().await
     }
 
     fn changes(&self) -> broadcast::Receiver<TaskChanged> {

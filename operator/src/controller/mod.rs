@@ -14,6 +14,7 @@
 //! the rebuild reads. A task held by a rate limit gets `Admitted=False` (`RateLimited`) once and is
 //! reconciled again when the window has room.
 
+pub mod breaker;
 pub mod gpu_job;
 pub mod operator;
 

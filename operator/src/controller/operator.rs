@@ -206,6 +206,18 @@ pub async fn run(
         let term = shutdown.child_token();
         let feed = tokio::spawn(load_ledger(ctx.clone(), term.clone()));
         let running = tokio::spawn(controller(ctx.clone(), config.concurrency, term.clone()));
+        // The circuit breaker runs on the leader only: one writer of the trip.
+        let breaker = tokio::spawn(
+            super::breaker::BreakerWatch {
+                store: ctx.writes.clone(),
+                metrics: metrics.clone(),
+                notifier: Some(Arc::new(super::breaker::KubeEventNotifier {
+                    recorder: ctx.recorder.clone(),
+                    namespace: ctx.store.namespace().to_owned(),
+                })),
+            }
+            .run(term.clone()),
+        );
         let mut lost = false;
         loop {
             tokio::select! {
@@ -220,6 +232,7 @@ pub async fn run(
         }
         term.cancel();
         let _ = feed.await;
+        let _ = breaker.await;
         if running.await.is_err() {
             tracing::error!("the controller task panicked");
         }

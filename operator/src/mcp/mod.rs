@@ -15,16 +15,31 @@ use std::time::Duration;
 
 use agentplane_api::policy::{McpServer, NamedValue};
 use rmcp::model::{CallToolRequestParams, MetaObject, PaginatedRequestParams, RequestMetaObject};
-use rmcp::service::{RoleClient, RunningService, ServiceExt as _};
+use rmcp::service::{RoleClient, RunningService, ServiceError, ServiceExt as _};
+use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use serde_json::{Map, Value};
 
 use crate::secrets::SecretSource;
 
+mod stdio;
+
+/// Largest single message read from a server, on either transport. It bounds the memory one answer
+/// may take before `maxResultBytes` is applied to its text, and is well above that cap (at most
+/// 16 MiB) because the text travels JSON-escaped and, from SDKs that fill `structuredContent`,
+/// twice.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// The `_meta` key carrying the step's idempotency key on every `tools/call`.
 pub const IDEMPOTENCY_META_KEY: &str = "dev.agentplane/idempotencyKey";
 
+/// Why talking to an MCP server failed. Every variant names the server (and the tool or request);
+/// none carries a secret: values resolved from `secretRef` are cut out of any text a server or the
+/// transport supplied before it lands in an error, and server output is never quoted.
+///
+/// What the plan loop does with one is [`McpError::is_transient`]: retry the attempt (the task's
+/// message is redelivered, a fresh session is connected) or fail the task with this error as its
+/// reason. [`McpError::code`] is a stable short name for metrics and status reasons.
 #[derive(Debug, thiserror::Error)]
 pub enum McpError {
     #[error("MCP server {server}: {name} needs its secret: {reason}")]
@@ -50,12 +65,71 @@ pub enum McpError {
         bytes: usize,
         max: u64,
     },
+    /// The server broke the protocol: a malformed JSON-RPC message (the session is closed at the
+    /// first one), or an answer of the wrong shape.
     #[error("MCP server {server}: {what} failed: {reason}")]
     Protocol {
         server: String,
         what: String,
         reason: String,
     },
+    /// The server answered `what` with one message over [`MAX_MESSAGE_BYTES`] (stdio; over HTTP the
+    /// transport ends the connection, seen as [`McpError::Crashed`]). The session is closed.
+    #[error(
+        "MCP server {server}: the answer to {what} is over the {max}-byte message limit; session closed"
+    )]
+    MessageTooLarge {
+        server: String,
+        what: String,
+        max: usize,
+    },
+    /// The server went away during `what`: its process exited (stdio) or the connection was lost
+    /// (HTTP). The session is closed; a new one must be connected.
+    #[error("MCP server {server}: {what} failed: the server went away ({reason})")]
+    Crashed {
+        server: String,
+        what: String,
+        reason: String,
+    },
+    /// The server answered `what` with a JSON-RPC error (an unknown tool, invalid arguments): the
+    /// session is fine, the request was refused.
+    #[error("MCP server {server}: {what} was refused: {message} (JSON-RPC error {code})")]
+    Refused {
+        server: String,
+        what: String,
+        code: i32,
+        message: String,
+    },
+}
+
+impl McpError {
+    /// Whether trying the same work again later may succeed: the server crashed, the connection
+    /// failed or a call timed out (the plan loop retries the attempt with a fresh session, bounded
+    /// by the queue's `maxReceiveCount`). `false` for what will fail the same way every time: a
+    /// missing secret, a result over `maxResultBytes`, a listing over `maxTools`, a protocol
+    /// violation, a request the server refused. The task then fails with this error as its reason.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            McpError::Connect { .. } | McpError::Timeout { .. } | McpError::Crashed { .. }
+        )
+    }
+
+    /// A stable short name of the failure (`mcp_timeout`, `mcp_crashed`, ...).
+    pub fn code(&self) -> &'static str {
+        match self {
+            McpError::Secret { .. } => "mcp_secret",
+            McpError::Connect { .. } => "mcp_connect",
+            McpError::Timeout { .. } => "mcp_timeout",
+            McpError::TooManyTools { .. } => "mcp_too_many_tools",
+            McpError::ResultTooLarge { .. } | McpError::MessageTooLarge { .. } => {
+                "mcp_result_too_large"
+            }
+            McpError::Protocol { .. } => "mcp_protocol",
+            McpError::Crashed { .. } => "mcp_crashed",
+            McpError::Refused { .. } => "mcp_refused",
+        }
+    }
 }
 
 /// A tool as the server lists it.
@@ -79,6 +153,78 @@ pub struct ToolOutput {
 pub struct McpSession {
     server: McpServer,
     service: RunningService<RoleClient, ()>,
+    /// The stdio child (killed with its process group on close or drop); `None` over HTTP.
+    child: Option<stdio::ChildGuard>,
+    /// The first malformed message the stdio server wrote, if any.
+    violation: stdio::Violation,
+    /// The secret values sent to the server, cut out of any error text (see [`McpError`]).
+    redact: Redactor,
+}
+
+/// Cuts known secret values out of text that came from a server or a transport.
+#[derive(Default)]
+struct Redactor(Vec<String>);
+
+impl Redactor {
+    fn add(&mut self, value: &str) {
+        // A secret of a character or two would redact half of every message and reveal itself.
+        if value.len() >= 4 {
+            self.0.push(value.to_owned());
+        }
+    }
+
+    fn clean(&self, text: impl Into<String>) -> String {
+        let mut text = text.into();
+        for s in &self.0 {
+            if text.contains(s.as_str()) {
+                text = text.replace(s.as_str(), "[redacted]");
+            }
+        }
+        text
+    }
+}
+
+/// What became of a stdio server whose request failed: it broke the protocol (the stream was ended
+/// at its first malformed line) or its process exited. `wait` gives an exit a moment to be seen
+/// when the transport closed (stdout's EOF can come before the exit status).
+async fn stdio_failure(
+    server: &str,
+    what: &str,
+    violation: &stdio::Violation,
+    child: Option<&stdio::ChildGuard>,
+    wait: bool,
+) -> Option<McpError> {
+    match violation.get() {
+        Some(stdio::Broken::Malformed(why)) => {
+            return Some(McpError::Protocol {
+                server: server.to_owned(),
+                what: what.to_owned(),
+                reason: format!("malformed JSON-RPC from the server, session closed: {why}"),
+            });
+        }
+        Some(stdio::Broken::Oversized { max }) => {
+            return Some(McpError::MessageTooLarge {
+                server: server.to_owned(),
+                what: what.to_owned(),
+                max: *max,
+            });
+        }
+        None => {}
+    }
+    let child = child?;
+    let mut status = child.exit_status();
+    for _ in 0..if wait { 50 } else { 0 } {
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = child.exit_status();
+    }
+    status.map(|status| McpError::Crashed {
+        server: server.to_owned(),
+        what: what.to_owned(),
+        reason: format!("its process exited, {status}"),
+    })
 }
 
 fn timeout_of(server: &McpServer) -> Duration {
@@ -124,27 +270,61 @@ impl McpSession {
             server: name.clone(),
             reason,
         };
+        let violation = stdio::Violation::default();
+        let mut redact = Redactor::default();
+        let mut child = None;
         let connecting = async {
             if let Some(stdio) = &server.stdio {
                 let mut cmd = tokio::process::Command::new(&stdio.command);
-                cmd.args(&stdio.args).env_clear().kill_on_drop(true);
+                cmd.args(&stdio.args)
+                    .env_clear()
+                    .kill_on_drop(true)
+                    .process_group(0)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null());
                 if let Some(path) = std::env::var_os("PATH") {
                     cmd.env("PATH", path);
                 }
                 for v in &stdio.env {
-                    cmd.env(&v.name, resolve(&name, v, secrets).await?);
+                    let value = resolve(&name, v, secrets).await?;
+                    if v.secret_ref.is_some() {
+                        redact.add(&value);
+                    }
+                    cmd.env(&v.name, value);
                 }
-                let (transport, _stderr) = TokioChildProcess::builder(cmd)
-                    .stderr(std::process::Stdio::null())
+                let mut spawned = cmd
                     .spawn()
                     .map_err(|e| connect_err(format!("starting {:?}: {e}", stdio.command)))?;
-                ().serve(transport)
-                    .await
-                    .map_err(|e| connect_err(e.to_string()))
+                let (Some(stdout), Some(stdin)) = (spawned.stdout.take(), spawned.stdin.take())
+                else {
+                    return Err(connect_err("the child has no stdio pipes".into()));
+                };
+                let guard = child.insert(stdio::ChildGuard::new(spawned));
+                let reader = stdio::StrictLines::new(stdout, MAX_MESSAGE_BYTES, violation.clone());
+                let transport =
+                    rmcp::transport::async_rw::AsyncRwTransport::<RoleClient, _, _>::new(
+                        reader, stdin,
+                    )
+                    .with_max_line_length(MAX_MESSAGE_BYTES);
+                match ().serve(transport).await {
+                    Ok(service) => Ok(service),
+                    Err(e) => Err(
+                        match stdio_failure(&name, "initialize", &violation, Some(guard), true)
+                            .await
+                        {
+                            Some(err) => err,
+                            None => connect_err(redact.clean(e.to_string())),
+                        },
+                    ),
+                }
             } else if let Some(http) = &server.http {
                 let mut headers = HashMap::new();
                 for v in &http.headers {
                     let value = resolve(&name, v, secrets).await?;
+                    if v.secret_ref.is_some() {
+                        redact.add(&value);
+                    }
                     let header_name = reqwest::header::HeaderName::from_bytes(v.name.as_bytes())
                         .map_err(|_| connect_err(format!("bad header name {:?}", v.name)))?;
                     let mut header_value = reqwest::header::HeaderValue::from_str(&value)
@@ -154,6 +334,8 @@ impl McpSession {
                 }
                 let mut config = StreamableHttpClientTransportConfig::with_uri(http.url.as_str());
                 config.custom_headers = headers;
+                config.max_sse_event_size = MAX_MESSAGE_BYTES;
+                config.max_json_response_size = MAX_MESSAGE_BYTES;
                 let transport = StreamableHttpClientTransport::with_client(
                     reqwest::Client::builder()
                         .redirect(reqwest::redirect::Policy::none())
@@ -163,22 +345,88 @@ impl McpSession {
                 );
                 ().serve(transport)
                     .await
-                    .map_err(|e| connect_err(e.to_string()))
+                    .map_err(|e| connect_err(redact.clean(e.to_string())))
             } else {
                 Err(connect_err("no transport (stdio or http) is set".into()))
             }
         };
-        let service = tokio::time::timeout(timeout_of(server), connecting)
-            .await
-            .map_err(|_| McpError::Timeout {
-                server: name.clone(),
-                what: "connecting".into(),
-                seconds: server.call_timeout_seconds,
-            })??;
+        let outcome = tokio::time::timeout(timeout_of(server), connecting).await;
+        let service = match outcome {
+            Ok(Ok(service)) => service,
+            Ok(Err(e)) => {
+                if let Some(c) = &child {
+                    c.shutdown(Duration::ZERO).await;
+                }
+                return Err(e);
+            }
+            Err(_) => {
+                if let Some(c) = &child {
+                    c.shutdown(Duration::ZERO).await;
+                }
+                return Err(McpError::Timeout {
+                    server: name.clone(),
+                    what: "connecting".into(),
+                    seconds: server.call_timeout_seconds,
+                });
+            }
+        };
         Ok(McpSession {
             server: server.clone(),
             service,
+            child,
+            violation,
+            redact,
         })
+    }
+
+    /// The stdio server's process id (`None` over HTTP): for diagnostics and for tests that check
+    /// the process is gone after [`McpSession::close`].
+    pub fn server_pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(stdio::ChildGuard::pid)
+    }
+
+    /// Whether the session can no longer carry requests (the server went away or broke the
+    /// protocol): a caller holding it for later steps should connect a new one.
+    pub fn is_closed(&self) -> bool {
+        self.service.is_transport_closed() || self.violation.get().is_some()
+    }
+
+    /// Turns a failed request into the error that says what happened to the server.
+    async fn request_failed(&self, what: String, e: ServiceError) -> McpError {
+        let server = self.server.name.clone();
+        let closed = matches!(
+            e,
+            ServiceError::TransportClosed | ServiceError::TransportSend(_)
+        );
+        if let Some(err) =
+            stdio_failure(&server, &what, &self.violation, self.child.as_ref(), closed).await
+        {
+            return err;
+        }
+        match e {
+            ServiceError::McpError(data) => McpError::Refused {
+                server,
+                what,
+                code: data.code.0,
+                message: self.redact.clean(data.message.into_owned()),
+            },
+            ServiceError::TransportClosed | ServiceError::TransportSend(_) => McpError::Crashed {
+                server,
+                what,
+                reason: self.redact.clean(match self.child {
+                    Some(_) => "the server closed its stdout".to_owned(),
+                    None => format!(
+                        "connection lost: {e}; an answer over the {MAX_MESSAGE_BYTES}-byte message \
+                         limit ends it too"
+                    ),
+                }),
+            },
+            other => McpError::Protocol {
+                server,
+                what,
+                reason: self.redact.clean(other.to_string()),
+            },
+        }
     }
 
     /// Every tool the server lists, page by page, refusing a server that lists more than `maxTools`.
@@ -191,15 +439,10 @@ impl McpSession {
                 let params = cursor
                     .take()
                     .map(|c| PaginatedRequestParams::default().with_cursor(Some(c)));
-                let page =
-                    self.service
-                        .list_tools(params)
-                        .await
-                        .map_err(|e| McpError::Protocol {
-                            server: server.name.clone(),
-                            what: "tools/list".into(),
-                            reason: e.to_string(),
-                        })?;
+                let page = match self.service.list_tools(params).await {
+                    Ok(page) => page,
+                    Err(e) => return Err(self.request_failed("tools/list".into(), e).await),
+                };
                 for t in page.tools {
                     if tools.len() >= server.max_tools as usize {
                         return Err(McpError::TooManyTools {
@@ -243,18 +486,17 @@ impl McpSession {
         let span =
             tracing::info_span!("mcp.tool_call", otel.kind = "client", server = %server.name, tool);
         let call = tracing::Instrument::instrument(self.service.call_tool(params), span);
-        let result = tokio::time::timeout(timeout_of(server), call)
-            .await
-            .map_err(|_| McpError::Timeout {
-                server: server.name.clone(),
-                what: format!("tool {tool}"),
-                seconds: server.call_timeout_seconds,
-            })?
-            .map_err(|e| McpError::Protocol {
-                server: server.name.clone(),
-                what: format!("tool {tool}"),
-                reason: e.to_string(),
-            })?;
+        let result = match tokio::time::timeout(timeout_of(server), call).await {
+            Err(_) => {
+                return Err(McpError::Timeout {
+                    server: server.name.clone(),
+                    what: format!("tool {tool}"),
+                    seconds: server.call_timeout_seconds,
+                });
+            }
+            Ok(Err(e)) => return Err(self.request_failed(format!("tool {tool}"), e).await),
+            Ok(Ok(result)) => result,
+        };
         let mut text = String::new();
         for block in &result.content {
             match block.as_text() {
@@ -282,10 +524,94 @@ impl McpSession {
     }
 
     /// Ends the session (the stdio child is killed with it).
+    ///
+    /// A stdio server gets a moment to exit once its stdin is closed, then its process group is
+    /// killed; dropping a session without `close` kills the group at once.
     pub async fn close(self) {
         let _ = self.service.cancel().await;
+        if let Some(child) = &self.child {
+            child.shutdown(Duration::from_secs(2)).await;
+        }
     }
 }
 
 /// Sessions shared by a worker's plans, one per server name.
 pub type SharedSession = Arc<McpSession>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crashes_timeouts_and_connects_are_retried_everything_else_fails_the_task() {
+        let s = || "srv".to_owned();
+        let w = || "tool x".to_owned();
+        let retried = [
+            McpError::Connect {
+                server: s(),
+                reason: "refused".into(),
+            },
+            McpError::Timeout {
+                server: s(),
+                what: w(),
+                seconds: 1,
+            },
+            McpError::Crashed {
+                server: s(),
+                what: w(),
+                reason: "exited".into(),
+            },
+        ];
+        let failed = [
+            McpError::TooManyTools {
+                server: s(),
+                max: 1,
+            },
+            McpError::ResultTooLarge {
+                server: s(),
+                tool: "x".into(),
+                bytes: 2,
+                max: 1,
+            },
+            McpError::MessageTooLarge {
+                server: s(),
+                what: w(),
+                max: 1,
+            },
+            McpError::Protocol {
+                server: s(),
+                what: w(),
+                reason: "bad".into(),
+            },
+            McpError::Refused {
+                server: s(),
+                what: w(),
+                code: -32602,
+                message: "bad arguments".into(),
+            },
+            McpError::Secret {
+                server: s(),
+                name: "TOKEN".into(),
+                reason: "missing".into(),
+            },
+        ];
+        for e in &retried {
+            assert!(e.is_transient(), "{e}");
+        }
+        for e in &failed {
+            assert!(!e.is_transient(), "{e}");
+            assert!(e.to_string().starts_with("MCP server srv"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_redactor_cuts_secret_values_but_not_tiny_ones() {
+        let mut r = Redactor::default();
+        r.add("s3cret-value");
+        r.add("ab");
+        assert_eq!(
+            r.clean("got s3cret-value twice: s3cret-value, ab"),
+            "got [redacted] twice: [redacted], ab"
+        );
+    }
+}

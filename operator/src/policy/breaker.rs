@@ -19,6 +19,24 @@ enum Evidence {
     Spent(u64),
 }
 
+/// Which trigger tripped: the `reason` label of `agentplane_circuit_breaker_trips_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Failures,
+    FailurePercent,
+    Spend,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Failures => "failures",
+            Trigger::FailurePercent => "failure_percent",
+            Trigger::Spend => "spend",
+        }
+    }
+}
+
 /// What the namespace did recently, as (unix ms, evidence), oldest first.
 #[derive(Debug, Default)]
 pub struct BreakerWindow {
@@ -45,9 +63,24 @@ impl BreakerWindow {
         self.events.insert(pos, (ms, e));
     }
 
+    /// Forgets all evidence: after a trip, so that turning `suspend` off again does not trip at
+    /// once on the evidence that already tripped it.
+    pub fn clear(&mut self) {
+        self.events.clear();
+    }
+
     /// Whether `breaker` trips at `now`, with the record to keep. Forgets evidence older than the
     /// window.
     pub fn check(&mut self, breaker: &CircuitBreaker, now: Timestamp) -> Option<BreakerTrip> {
+        self.check_trigger(breaker, now).map(|(trip, _)| trip)
+    }
+
+    /// [`BreakerWindow::check`], also saying which trigger tripped.
+    pub fn check_trigger(
+        &mut self,
+        breaker: &CircuitBreaker,
+        now: Timestamp,
+    ) -> Option<(BreakerTrip, Trigger)> {
         let window_ms = i64::from(breaker.window_seconds.max(1)) * 1000;
         let cutoff = now.as_millisecond().saturating_sub(window_ms);
         while self.events.front().is_some_and(|(t, _)| *t <= cutoff) {
@@ -66,28 +99,39 @@ impl BreakerWindow {
         let window = breaker.window_seconds;
         let enough = tasks >= breaker.min_tasks.max(1);
         let reason = if let Some(limit) = breaker.failures.filter(|l| enough && failures >= *l) {
-            Some(format!(
-                "{failures} of {tasks} tasks failed in the last {window} s (limit {limit} failures)"
+            Some((
+                format!(
+                    "{failures} of {tasks} tasks failed in the last {window} s (limit {limit} failures)"
+                ),
+                Trigger::Failures,
             ))
         } else if let Some(pct) = breaker
             .failure_percent
             .filter(|p| enough && u64::from(failures) * 100 >= u64::from(*p) * u64::from(tasks))
         {
-            Some(format!(
-                "{failures} of {tasks} tasks failed in the last {window} s (limit {pct}%)"
+            Some((
+                format!("{failures} of {tasks} tasks failed in the last {window} s (limit {pct}%)"),
+                Trigger::FailurePercent,
             ))
         } else {
-            breaker
-                .spend_micros
-                .filter(|l| spend >= *l)
-                .map(|limit| format!("spent {spend} micros in the last {window} s (limit {limit})"))
+            breaker.spend_micros.filter(|l| spend >= *l).map(|limit| {
+                (
+                    format!("spent {spend} micros in the last {window} s (limit {limit})"),
+                    Trigger::Spend,
+                )
+            })
         };
-        reason.map(|reason| BreakerTrip {
-            tripped_at: Time(now),
-            reason,
-            tasks,
-            failures,
-            spend_micros: spend,
+        reason.map(|(reason, trigger)| {
+            (
+                BreakerTrip {
+                    tripped_at: Time(now),
+                    reason,
+                    tasks,
+                    failures,
+                    spend_micros: spend,
+                },
+                trigger,
+            )
         })
     }
 }
@@ -165,8 +209,11 @@ mod tests {
         w.spent(now, 600);
         assert_eq!(w.check(&spend, now), None);
         w.spent(now, 400);
-        let trip = w.check(&spend, now).unwrap();
+        let (trip, trigger) = w.check_trigger(&spend, now).unwrap();
+        assert_eq!(trigger, Trigger::Spend);
         assert_eq!(trip.spend_micros, 1000);
+        w.clear();
+        assert_eq!(w.check(&spend, now), None, "cleared after a trip");
         assert!(trip.reason.contains("spent 1000 micros"), "{}", trip.reason);
     }
 }

@@ -22,7 +22,9 @@ use std::sync::{Arc, RwLock};
 use agentplane_api::TaskPhase;
 use agentplane_api::approval::{AgentApproval, AgentApprovalSpec, TASK_LABEL, TaskRef};
 use agentplane_api::device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, SEQ_WINDOW};
-use agentplane_api::policy::{AgentPolicy, AgentPolicySpec, ModelTier};
+use agentplane_api::policy::{
+    AgentPolicy, AgentPolicySpec, AgentPolicyStatus, BreakerTrip, ModelTier,
+};
 use agentplane_api::task::{
     AgentTask, AgentTaskSpec, AgentTaskStatus, Approval, TRACEPARENT_ANNOTATION,
 };
@@ -796,6 +798,53 @@ impl TaskStore for KubeStore {
         // Read-your-writes for this process; the watch confirms it shortly.
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(spec));
         Ok(())
+    }
+
+    async fn trip_breaker(&self, trip: BreakerTrip) -> Result<bool, StoreError> {
+        let err = |e| api_error("AgentPolicy", POLICY_NAME, e);
+        let Some(policy) = self.policies.get_opt(POLICY_NAME).await.map_err(err)? else {
+            return Ok(false);
+        };
+        if policy.spec.suspend {
+            return Ok(false);
+        }
+        // Two writes (the status subresource and spec), each conditional on the version before
+        // it: a policy edited meanwhile is read and decided again. The record goes first: if the
+        // suspend then fails, the policy is still not suspended, so the next check trips again and
+        // rewrites the record; the other order could leave a suspension nobody explains.
+        let status = serde_json::json!({
+            "metadata": { "resourceVersion": policy.resource_version() },
+            "status": AgentPolicyStatus { last_trip: Some(trip) },
+        });
+        let recorded = self
+            .policies
+            .patch_status(POLICY_NAME, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .map_err(err)?;
+        let suspend = serde_json::json!({
+            "metadata": { "resourceVersion": recorded.resource_version() },
+            "spec": { "suspend": true },
+        });
+        let patched = self
+            .policies
+            .patch(
+                POLICY_NAME,
+                &PatchParams::default(),
+                &Patch::Merge(&suspend),
+            )
+            .await
+            .map_err(err)?;
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(patched.spec));
+        Ok(true)
+    }
+
+    async fn policy_status(&self) -> Result<Option<AgentPolicyStatus>, StoreError> {
+        Ok(self
+            .policies
+            .get_opt(POLICY_NAME)
+            .await
+            .map_err(|e| api_error("AgentPolicy", POLICY_NAME, e))?
+            .map(|p| p.status.unwrap_or_default()))
     }
 
     fn changes(&self) -> broadcast::Receiver<TaskChanged> {

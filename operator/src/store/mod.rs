@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use agentplane_api::TaskPhase;
 use agentplane_api::device::{EdgeDeviceSpec, EdgeDeviceStatus};
-use agentplane_api::policy::AgentPolicySpec;
+use agentplane_api::policy::{AgentPolicySpec, AgentPolicyStatus, BreakerTrip};
 use agentplane_api::task::{AgentTaskSpec, AgentTaskStatus, Approval};
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -236,11 +236,51 @@ pub trait TaskStore: Send + Sync + 'static {
 
     async fn put_policy(&self, spec: AgentPolicySpec) -> Result<(), StoreError>;
 
+    /// The circuit breaker's trip: sets `spec.suspend` and records `status.lastTrip` on the
+    /// namespace's policy. Returns `false`, writing nothing, when there is no policy or it is
+    /// already suspended (a trip never overwrites the record of the one that suspended it).
+    async fn trip_breaker(&self, trip: BreakerTrip) -> Result<bool, StoreError>;
+
+    /// The namespace's AgentPolicy status (`lastTrip`), if there is a policy.
+    async fn policy_status(&self) -> Result<Option<AgentPolicyStatus>, StoreError>;
+
     /// Subscribes to task changes.
     fn changes(&self) -> broadcast::Receiver<TaskChanged>;
 }
 
 pub type DynStore = Arc<dyn TaskStore>;
+
+/// A task for unit tests: a placeholder envelope (nothing verifies it), `phase` and `status` as given.
+#[cfg(test)]
+pub(crate) fn test_task(id: &str, status: AgentTaskStatus) -> TaskRecord {
+    use agentplane_api::intent::{PrivacyLevel, RequiredResources};
+    use agentplane_api::task::DeviceRef;
+    use agentplane_api::{Envelope, EnvelopeSignature};
+    TaskRecord {
+        id: id.into(),
+        spec: AgentTaskSpec {
+            device_ref: DeviceRef {
+                name: "kiosk".into(),
+            },
+            envelope: Envelope {
+                payload_type: "t".into(),
+                payload: "e30=".into(),
+                signatures: vec![EnvelopeSignature {
+                    keyid: String::new(),
+                    sig: String::new(),
+                }],
+            },
+            user_id: "alice".into(),
+            intent_type: "summarize".into(),
+            privacy_level: PrivacyLevel::Public,
+            required_resources: RequiredResources::default(),
+            cancel: None,
+        },
+        status,
+        created_at: Timestamp::UNIX_EPOCH,
+        version: Version("1".into()),
+    }
+}
 
 /// Writes a status after checking the phase machine, so an illegal move is refused before any I/O.
 pub async fn write_status(

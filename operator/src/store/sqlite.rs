@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use agentplane_api::TaskPhase;
 use agentplane_api::device::{EdgeDeviceSpec, EdgeDeviceStatus};
-use agentplane_api::policy::AgentPolicySpec;
+use agentplane_api::policy::{AgentPolicySpec, AgentPolicyStatus, BreakerTrip};
 use agentplane_api::task::{AgentTaskStatus, Approval};
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS policies (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
     version INTEGER NOT NULL
+);
+-- The policy's status (the circuit breaker's lastTrip), beside its spec: a table of its own so that
+-- databases made before it need no column migration.
+CREATE TABLE IF NOT EXISTS policy_status (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS join_tokens (
     hash TEXT PRIMARY KEY,
@@ -150,6 +156,19 @@ impl Db {
         self.jobs.send(job).await.map_err(|_| DbClosed)?;
         rx.await.map_err(|_| DbClosed)?
     }
+}
+
+/// The namespace's policy spec as stored.
+fn read_policy(conn: &Connection) -> Result<Option<AgentPolicySpec>, StoreError> {
+    let spec: Option<String> = conn
+        .query_row(
+            "SELECT spec FROM policies WHERE name = ?1",
+            params![POLICY_NAME],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(be)?;
+    spec.map(|s| from_json(&s)).transpose()
 }
 
 /// The embedded [`TaskStore`].
@@ -648,15 +667,7 @@ impl TaskStore for SqliteStore {
         }
         let cache = self.policy.clone();
         self.call(move |conn| {
-            let spec: Option<String> = conn
-                .query_row(
-                    "SELECT spec FROM policies WHERE name = ?1",
-                    params![POLICY_NAME],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(be)?;
-            let policy: Option<AgentPolicySpec> = spec.map(|s| from_json(&s)).transpose()?;
+            let policy = read_policy(conn)?;
             // Filled on the database thread, after every earlier write: never older than the table.
             *cache.write().unwrap_or_else(|e| e.into_inner()) = Some(policy.clone());
             Ok(policy)
@@ -675,6 +686,68 @@ impl TaskStore for SqliteStore {
             .map_err(be)?;
             *cache.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(spec));
             Ok(())
+        })
+        .await
+    }
+
+    async fn trip_breaker(&self, trip: BreakerTrip) -> Result<bool, StoreError> {
+        let cache = self.policy.clone();
+        self.call(move |conn| {
+            let tx = conn.transaction().map_err(be)?;
+            let Some(mut spec) = read_policy(&tx)? else {
+                return Ok(false);
+            };
+            if spec.suspend {
+                return Ok(false);
+            }
+            spec.suspend = true;
+            tx.execute(
+                "UPDATE policies SET spec = ?2, version = version + 1 WHERE name = ?1",
+                params![POLICY_NAME, to_json(&spec)?],
+            )
+            .map_err(be)?;
+            let status = AgentPolicyStatus {
+                last_trip: Some(trip),
+            };
+            tx.execute(
+                "INSERT INTO policy_status (name, status) VALUES (?1, ?2)
+                     ON CONFLICT(name) DO UPDATE SET status = excluded.status",
+                params![POLICY_NAME, to_json(&status)?],
+            )
+            .map_err(be)?;
+            tx.commit().map_err(be)?;
+            *cache.write().unwrap_or_else(|e| e.into_inner()) = Some(Some(spec));
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn policy_status(&self) -> Result<Option<AgentPolicyStatus>, StoreError> {
+        self.call(move |conn| {
+            let exists: bool = conn
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM policies WHERE name = ?1)",
+                    params![POLICY_NAME],
+                    |r| r.get(0),
+                )
+                .map_err(be)?;
+            if !exists {
+                return Ok(None);
+            }
+            let status: Option<String> = conn
+                .query_row(
+                    "SELECT status FROM policy_status WHERE name = ?1",
+                    params![POLICY_NAME],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(be)?;
+            Ok(Some(
+                status
+                    .map(|s| from_json(&s))
+                    .transpose()?
+                    .unwrap_or_default(),
+            ))
         })
         .await
     }
