@@ -85,6 +85,7 @@ const PEERS: &[(&str, &str)] = &[
     ("registry", "AGENTPLANE_REGISTRY"),
     ("crane", "AGENTPLANE_CRANE"),
     ("mcp-python", "AGENTPLANE_MCP_PYTHON"),
+    ("llama-cpp", "AGENTPLANE_LLAMA_PYTHON"),
 ];
 
 fn known_peers() -> String {
