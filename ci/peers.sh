@@ -35,11 +35,16 @@ CRANE_VERSION=v0.22.1
 MCP_PYTHON_VERSION=2.3.0
 # Open Policy Agent: the reference Rego implementation the regorus differential test compares with.
 OPA_VERSION=v1.22.4
+# llama.cpp's OpenAI-compatible server (llama-cpp-python), the edge's local model tier, and the
+# gguf writer the test makes its tiny model with (edge-agent/tests/fixtures/make_tiny_gguf.py).
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+GGUF_VERSION=0.19.0
 
 ALL_PEERS=(mcp-everything moto schemathesis chromium playwright-core cargo-deb etcd helm crossplane fn-patch-and-transform fn-auto-ready terraform tofu kube-apiserver)
 ALL_PEERS+=(registry crane)
 ALL_PEERS+=(mcp-python)
 ALL_PEERS+=(opa)
+ALL_PEERS+=(llama-cpp)
 
 # Go's caches live under the peer cache so one cold peer rebuild reuses the
 # module downloads and compiled packages of the others.
@@ -130,6 +135,24 @@ build_moto() {
 # The venv's interpreter is the entry: tests run our own server scripts (ci/mcp/*.py) with it.
 build_mcp_python() {
   pip_venv_build "$1" mcp-python "mcp==$MCP_PYTHON_VERSION" python
+}
+
+# Compiles llama.cpp from the sdist (CPU only). GGML_NATIVE=OFF builds for the generic x86-64
+# AVX2 baseline instead of this CPU's exact features, so the cached venv runs on any machine of
+# the kind; the build runs niced on the two cores. The entry is the venv's interpreter: tests run
+# `python -m llama_cpp.server` and the gguf script with it.
+build_llama_cpp() {
+  local dir=$1
+  python3 -m venv "$dir/venv"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 10 "$dir/venv/bin/pip" install --quiet --disable-pip-version-check \
+    -c "$WRAPPERS/llama-cpp/constraints.txt" \
+    "llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION" "gguf==$GGUF_VERSION"
+  # A script, not a symlink: Python finds its venv from the path it was started by, and a link
+  # outside venv/bin would start the base interpreter without the venv's packages.
+  rm -f "$dir/python"
+  printf '#!/bin/sh\nexec "%s/venv/bin/python" "$@"\n' "$dir" >"$dir/python"
+  chmod 755 "$dir/python"
 }
 
 build_schemathesis() {
@@ -266,6 +289,7 @@ peer_info() {
     crane) echo "$CRANE_VERSION crane AGENTPLANE_CRANE" ;;
     mcp-python) echo "$MCP_PYTHON_VERSION python AGENTPLANE_MCP_PYTHON" ;;
     opa) echo "$OPA_VERSION opa AGENTPLANE_OPA" ;;
+    llama-cpp) echo "$LLAMA_CPP_PYTHON_VERSION python AGENTPLANE_LLAMA_PYTHON" ;;
     *) return 1 ;;
   esac
 }
@@ -323,7 +347,7 @@ MIN_GO=1.25.9
 check_tools() {
   local name=$1 tool
   case $name in
-    moto | schemathesis | mcp-python) tool=python3 ;;
+    moto | schemathesis | mcp-python | llama-cpp) tool=python3 ;;
     chromium) tool=bash ;;
     playwright-core | mcp-everything) tool=npm ;;
     cargo-deb) tool=cargo ;;
@@ -339,6 +363,10 @@ check_tools() {
   elif [[ $tool == python3 ]]; then
     python3 -c 'import venv, ensurepip' 2>/dev/null ||
       die "python3 cannot create venvs (on Debian/Ubuntu: apt-get install python3-venv)"
+    if [[ $name == llama-cpp ]]; then
+      command -v cmake >/dev/null && command -v g++ >/dev/null ||
+        die "llama-cpp compiles llama.cpp: it needs cmake and g++ (apt-get install cmake g++)"
+    fi
   fi
 }
 

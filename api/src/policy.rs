@@ -65,6 +65,9 @@ pub struct AgentPolicySpec {
     /// Trips the kill switch (`suspend`) automatically when tasks fail or spend too fast.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// What enrolled edge devices do locally, handed to each device when it enrolls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<EdgePolicy>,
     /// Policy as code: Rego modules consulted at admission and before each tool call, after the
     /// rules above let a task or call through. See [`RegoPolicy`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +158,44 @@ impl RegoDecisionKind {
             RegoDecisionKind::Allow => "allow",
             RegoDecisionKind::Deny => "deny",
             RegoDecisionKind::RequireApproval => "require_approval",
+        }
+    }
+}
+
+/// The part of the policy an edge device applies itself, before anything leaves it. The gateway
+/// returns it in every enrollment answer (`EnrollResponse.edgePolicy`); re-running `enroll` refreshes
+/// it. `private` intents need no rule here: they never leave the device.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgePolicy {
+    /// Where `regulated` intents run.
+    #[serde(default)]
+    pub regulated: RegulatedRoute,
+}
+
+/// Where an edge device runs a `regulated` intent.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RegulatedRoute {
+    /// On the device's local model (`agentplane-edge run --local-model`), never sent.
+    Local,
+    /// Sent to the gateway like a public intent (the behaviour before this field existed).
+    #[default]
+    Cloud,
+    /// Refused on the device: nothing is stored or sent.
+    Refuse,
+}
+
+impl RegulatedRoute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegulatedRoute::Local => "local",
+            RegulatedRoute::Cloud => "cloud",
+            RegulatedRoute::Refuse => "refuse",
         }
     }
 }

@@ -74,6 +74,10 @@ pub struct EnrollResponse {
     /// Next sequence number the gateway expects is anything above this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seq: Option<u64>,
+    /// The namespace policy's rules for the device itself (`AgentPolicy.spec.edge`); absent from
+    /// older gateways and when the policy sets none, which the device reads as the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_policy: Option<crate::policy::EdgePolicy>,
 }
 
 /// `POST /v1/devices/{id}/keys`: key rotation. The device proves it holds a key the gateway already

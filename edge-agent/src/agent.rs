@@ -11,6 +11,8 @@ use crate::capture::{Capturer, LocalPolicy};
 use crate::config::{AgentState, ConfigError, Paths, derived_device_id};
 use crate::gateway::{GatewayClient, GatewayError};
 use crate::identity::{FileKeySource, IdentityError, KeySource};
+use crate::local_model::{LocalModel, LocalModelConfig, LocalModelError};
+use crate::local_runner::LocalRunner;
 use crate::outbox::{Outbox, OutboxConfig, OutboxError};
 use crate::sender::{Link, Sender, SenderConfig};
 use crate::ui::{UiState, allowed_hosts, router};
@@ -33,6 +35,8 @@ pub enum RunError {
     },
     #[error("refusing to serve the local UI on non-loopback address {0}: it has no authentication")]
     NotLoopback(SocketAddr),
+    #[error(transparent)]
+    LocalModel(#[from] LocalModelError),
 }
 
 #[derive(Clone, Debug)]
@@ -46,6 +50,8 @@ pub struct RunOptions {
     pub keep_finished: u64,
     pub reset_outbox: bool,
     pub sender: SenderConfig,
+    /// The device's local model (`--local-model`); private intents run there.
+    pub local_model: Option<LocalModelConfig>,
 }
 
 /// Opens the outbox; with `reset` a damaged one is moved aside first (never without it).
@@ -89,6 +95,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     )?;
     let link = Arc::new(Link::default());
     let wake = Arc::new(Notify::new());
+    let local_wake = Arc::new(Notify::new());
+    // Checked before serving: a far or malformed --local-model is a startup error, not a later surprise.
+    let local_model = opts.local_model.clone().map(LocalModel::new).transpose()?;
+    let mut policy = opts.sender.policy.clone();
+    policy.local_model = local_model.is_some();
+    policy.state_file = Some(opts.paths.state_file.clone());
     let capturer = Capturer {
         outbox: outbox.clone(),
         signer: signer.clone(),
@@ -98,7 +110,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             .clone()
             .or_else(|| state.owner.clone())
             .unwrap_or_else(|| device_id.clone()),
-        policy: opts.sender.policy.clone(),
+        policy,
     };
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -115,6 +127,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         capturer,
         link: link.clone(),
         wake: wake.clone(),
+        local_wake: local_wake.clone(),
         allowed_hosts: Arc::new(allowed_hosts(local)),
     });
 
@@ -152,6 +165,23 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             tokio::join!(sender.run_submit_loop(), tracker.run_track_loop());
         });
     }
+    match &local_model {
+        Some(m) => {
+            tracing::info!(endpoint = %m.endpoint(), "private intents run on the local model")
+        }
+        None => tracing::info!(
+            "no --local-model: private intents are refused (regulated ones too when the policy says local)"
+        ),
+    }
+    tasks.spawn(
+        LocalRunner {
+            outbox: outbox.clone(),
+            model: local_model,
+            wake: local_wake,
+            backoff: opts.sender.backoff,
+        }
+        .run(),
+    );
     {
         let outbox = outbox.clone();
         let keep = opts.keep_finished;

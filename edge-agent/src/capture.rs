@@ -1,17 +1,20 @@
 //! Capturing an intent: build the payload, sign it with the device key, and store it durably. The caller
 //! is acknowledged only after the outbox commit (and its fsync) succeeded.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use agentplane_api::envelope::{EnvelopeSignature, INTENT_PAYLOAD_TYPE, pae};
+use agentplane_api::policy::RegulatedRoute;
 use agentplane_api::{Consent, Envelope, Intent, IntentPayload, PrivacyLevel, RequiredResources};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
 
+use crate::config::AgentState;
 use crate::identity::DeviceSigner;
-use crate::outbox::{EntryState, NewEntry, Outbox, OutboxError};
+use crate::outbox::{EntryState, NewEntry, Outbox, OutboxError, RunsOn};
 use crate::telemetry;
 
 /// Largest prompt accepted from the UI or the command line (the payload limit is larger; this keeps
@@ -56,13 +59,44 @@ fn default_scopes() -> Vec<String> {
 /// The local policy applied before anything leaves the device.
 #[derive(Clone, Debug, Default)]
 pub struct LocalPolicy {
-    /// `private` intents are refused unless this is set (they must not leave the device).
+    /// Lets `private` intents leave the device when no local model is configured.
     pub allow_private_upload: bool,
+    /// A local model is configured (`--local-model`): `private` intents run on it.
+    pub local_model: bool,
+    /// Where `regulated` intents go when `state_file` is not set.
+    pub regulated: RegulatedRoute,
+    /// The agent state file holding the edge policy of the last enrollment; read at each regulated
+    /// capture, so re-running `enroll` applies a changed policy without restarting the agent.
+    pub state_file: Option<PathBuf>,
 }
 
 impl LocalPolicy {
     pub fn may_upload(&self, privacy: PrivacyLevel) -> bool {
         privacy != PrivacyLevel::Private || self.allow_private_upload
+    }
+
+    /// Where an intent of this privacy level runs, or why it is refused on the device.
+    pub fn route(&self, privacy: PrivacyLevel) -> Result<RunsOn, CaptureError> {
+        match privacy {
+            PrivacyLevel::Public => Ok(RunsOn::Cloud),
+            PrivacyLevel::Private if self.local_model => Ok(RunsOn::Device),
+            PrivacyLevel::Private if self.allow_private_upload => Ok(RunsOn::Cloud),
+            PrivacyLevel::Private => Err(CaptureError::PrivateStaysLocal),
+            PrivacyLevel::Regulated => match self.regulated_route()? {
+                RegulatedRoute::Cloud => Ok(RunsOn::Cloud),
+                RegulatedRoute::Local if self.local_model => Ok(RunsOn::Device),
+                RegulatedRoute::Local => Err(CaptureError::RegulatedStaysLocal),
+                RegulatedRoute::Refuse => Err(CaptureError::RegulatedRefused),
+            },
+        }
+    }
+
+    fn regulated_route(&self) -> Result<RegulatedRoute, CaptureError> {
+        let Some(path) = &self.state_file else {
+            return Ok(self.regulated);
+        };
+        let state = AgentState::load(path).map_err(|e| CaptureError::Policy(e.to_string()))?;
+        Ok(state.edge_policy.map(|p| p.regulated).unwrap_or_default())
     }
 }
 
@@ -71,9 +105,19 @@ pub enum CaptureError {
     #[error("{0}")]
     Invalid(String),
     #[error(
-        "this intent is marked private and the local policy keeps private intents on this device; nothing was stored or sent"
+        "this intent is marked private: it may only run on this device, and no local model is configured (run the agent with --local-model URL). Nothing was stored or sent"
     )]
     PrivateStaysLocal,
+    #[error(
+        "the platform's policy runs regulated intents on this device, and no local model is configured (run the agent with --local-model URL). Nothing was stored or sent"
+    )]
+    RegulatedStaysLocal,
+    #[error(
+        "the platform's policy refuses regulated intents on this device. Nothing was stored or sent"
+    )]
+    RegulatedRefused,
+    #[error("cannot read the device's policy: {0}")]
+    Policy(String),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
 }
@@ -83,6 +127,9 @@ impl CaptureError {
         match self {
             CaptureError::Invalid(_) => "invalid_intent",
             CaptureError::PrivateStaysLocal => "private_stays_local",
+            CaptureError::RegulatedStaysLocal => "regulated_stays_local",
+            CaptureError::RegulatedRefused => "regulated_refused",
+            CaptureError::Policy(_) => "policy_error",
             CaptureError::Outbox(OutboxError::Full { .. }) => "outbox_full",
             CaptureError::Outbox(OutboxError::DiskFull) => "disk_full",
             CaptureError::Outbox(OutboxError::Corrupt { .. }) => "outbox_corrupt",
@@ -97,6 +144,7 @@ impl CaptureError {
 pub struct Accepted {
     pub task_id: String,
     pub seq: u64,
+    pub runs_on: RunsOn,
 }
 
 /// Everything needed to turn a request into a signed, stored intent.
@@ -111,9 +159,7 @@ pub struct Capturer {
 
 impl Capturer {
     pub async fn capture(&self, req: IntentRequest) -> Result<Accepted, CaptureError> {
-        if !self.policy.may_upload(req.privacy_level) {
-            return Err(CaptureError::PrivateStaysLocal);
-        }
+        let runs_on = self.policy.route(req.privacy_level)?;
         if req.prompt.trim().is_empty() {
             return Err(CaptureError::Invalid("the prompt is empty".into()));
         }
@@ -182,13 +228,23 @@ impl Capturer {
                     prompt: payload.intent.prompt.clone(),
                     privacy: payload.privacy_level.as_str().to_owned(),
                     created_at: payload.created_at.to_string(),
-                    state: EntryState::Pending,
+                    // A device intent is signed like any other (one code path, and the record is
+                    // attributable) but never queued for the gateway.
+                    state: match runs_on {
+                        RunsOn::Device => EntryState::Local,
+                        RunsOn::Cloud => EntryState::Pending,
+                    },
+                    runs_on,
                 })
             })
             .instrument(span)
             .await?;
-        tracing::debug!(%task_id, seq, "intent captured");
-        Ok(Accepted { task_id, seq })
+        tracing::debug!(%task_id, seq, runs_on = runs_on.as_str(), "intent captured");
+        Ok(Accepted {
+            task_id,
+            seq,
+            runs_on,
+        })
     }
 }
 
@@ -280,6 +336,63 @@ mod tests {
         assert_eq!(c.outbox.counts().await.unwrap().pending, 0);
         c.policy.allow_private_upload = true;
         c.capture(req(PrivacyLevel::Private)).await.unwrap();
+    }
+
+    #[test]
+    fn routes_follow_privacy_local_model_and_the_enrollment_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_file = dir.path().join("agent.json");
+        let mut p = LocalPolicy {
+            state_file: Some(state_file.clone()),
+            ..LocalPolicy::default()
+        };
+        // No local model: private is refused, regulated defaults to the cloud.
+        assert_eq!(p.route(PrivacyLevel::Public).unwrap(), RunsOn::Cloud);
+        assert_eq!(
+            p.route(PrivacyLevel::Private).unwrap_err().code(),
+            "private_stays_local"
+        );
+        assert_eq!(p.route(PrivacyLevel::Regulated).unwrap(), RunsOn::Cloud);
+        p.local_model = true;
+        assert_eq!(p.route(PrivacyLevel::Private).unwrap(), RunsOn::Device);
+        // The policy is read from the state file at each capture: a re-enrollment applies at once.
+        for (route, want) in [
+            ("local", Ok(RunsOn::Device)),
+            ("cloud", Ok(RunsOn::Cloud)),
+            ("refuse", Err("regulated_refused")),
+        ] {
+            std::fs::write(
+                &state_file,
+                format!(r#"{{"edgePolicy": {{"regulated": "{route}"}}}}"#),
+            )
+            .unwrap();
+            let got = p.route(PrivacyLevel::Regulated).map_err(|e| e.code());
+            assert_eq!(got, want, "{route}");
+        }
+        std::fs::write(&state_file, r#"{"edgePolicy": {"regulated": "local"}}"#).unwrap();
+        p.local_model = false;
+        assert_eq!(
+            p.route(PrivacyLevel::Regulated).unwrap_err().code(),
+            "regulated_stays_local"
+        );
+        std::fs::write(&state_file, "{nope").unwrap();
+        assert_eq!(
+            p.route(PrivacyLevel::Regulated).unwrap_err().code(),
+            "policy_error"
+        );
+    }
+
+    #[tokio::test]
+    async fn device_intents_are_stored_for_the_local_model_not_the_gateway() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _) = capturer(dir.path());
+        c.policy.local_model = true;
+        let a = c.capture(req(PrivacyLevel::Private)).await.unwrap();
+        assert_eq!(a.runs_on, RunsOn::Device);
+        let e = c.outbox.get(&a.task_id).await.unwrap().unwrap();
+        assert_eq!((e.state, e.runs_on), (EntryState::Local, RunsOn::Device));
+        assert!(c.outbox.pending(10).await.unwrap().is_empty());
+        assert_eq!(c.outbox.local_queue(10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -92,6 +92,10 @@ pub struct AgentState {
     /// Submissions in flight at once (`run --max-in-flight` and its environment variable override it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u64>,
+    /// The namespace policy's rules for this device, as the gateway answered the last enrollment
+    /// (absent: the defaults, regulated intents go to the cloud).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_policy: Option<agentplane_api::policy::EdgePolicy>,
 }
 
 impl AgentState {

@@ -153,6 +153,8 @@ async fn register(
     state.device_id = Some(device_id);
     state.owner = Some(owner);
     state.namespace = Some(resp.namespace.clone());
+    // Every enrollment answer carries the current edge policy: re-enrolling is how a device refreshes it.
+    state.edge_policy = resp.edge_policy;
     if !state.is_enrolled_with(signer.key_id()) {
         state.enrolled_keys.push(signer.key_id().to_owned());
     }

@@ -289,15 +289,20 @@ impl GatewayClient {
 }
 
 fn unreachable(e: reqwest::Error) -> GatewayError {
-    // Keep the chain of causes: "error sending request" alone says nothing.
+    GatewayError::Unreachable(error_chain(&e))
+}
+
+/// The error and its causes on one line: "error sending request" alone does not say "connection
+/// refused".
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(s) = source {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         source = s.source();
     }
-    GatewayError::Unreachable(msg)
+    msg
 }
 
 async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, GatewayError> {

@@ -9,6 +9,8 @@ pub mod enroll;
 pub mod gateway;
 pub mod identity;
 pub mod install;
+pub mod local_model;
+pub mod local_runner;
 pub mod outbox;
 pub mod sender;
 pub mod telemetry;

@@ -15,7 +15,8 @@ use agentplane_edge::config::{AgentState, Paths, default_data_dir};
 use agentplane_edge::enroll::{self, EnrollError, EnrollOptions};
 use agentplane_edge::identity::{FileKeySource, KeySource as _};
 use agentplane_edge::install::{self, InstallOptions};
-use agentplane_edge::outbox::{Entry, EntryState, OutboxError};
+use agentplane_edge::local_model::LocalModelConfig;
+use agentplane_edge::outbox::{Entry, EntryState, OutboxError, RunsOn};
 use agentplane_edge::sender::{DEFAULT_MAX_IN_FLIGHT, SenderConfig};
 use agentplane_edge::telemetry;
 use anyhow::Context as _;
@@ -88,9 +89,13 @@ enum Command {
         /// User id [default: the enrolled owner].
         #[arg(long, env = "AGENTPLANE_EDGE_USER")]
         user: Option<String>,
-        /// Allow a private intent to leave the device.
+        /// Allow a private intent to leave the device (when no local model is configured).
         #[arg(long)]
         allow_private_upload: bool,
+        /// The running agent's local model (same as `run --local-model`): private intents are queued
+        /// for it instead of refused.
+        #[arg(long, env = "AGENTPLANE_EDGE_LOCAL_MODEL")]
+        local_model: Option<String>,
         /// GPUs the task needs (0: none); a cluster runs a GPU task as a Job on its GPU pool.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=agentplane_api::intent::MAX_GPUS as i64))]
         gpu: u32,
@@ -176,9 +181,11 @@ struct RunArgs {
     /// else 32]
     #[arg(long, env = "AGENTPLANE_EDGE_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u64).range(1..=SEQ_WINDOW))]
     max_in_flight: Option<u64>,
-    /// Let `private` intents leave the device (the default policy keeps them local).
+    /// Let `private` intents leave the device when no --local-model is set (the default refuses them).
     #[arg(long, env = "AGENTPLANE_EDGE_ALLOW_PRIVATE_UPLOAD")]
     allow_private_upload: bool,
+    #[command(flatten)]
+    local: LocalModelArgs,
     /// If the outbox is damaged, move it aside (kept for inspection) and start a fresh one.
     #[arg(long)]
     reset_outbox: bool,
@@ -191,6 +198,40 @@ struct RunArgs {
     /// Pause between task status polls, in milliseconds.
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
+}
+
+/// The device's local model tier.
+#[derive(clap::Args, Debug)]
+struct LocalModelArgs {
+    /// Base URL of an OpenAI-compatible API on this device (e.g. llama.cpp's server,
+    /// http://127.0.0.1:8080/v1). `private` intents run there and never leave the device; so do
+    /// `regulated` ones when the enrollment policy says `local`. Loopback addresses only.
+    #[arg(long, env = "AGENTPLANE_EDGE_LOCAL_MODEL")]
+    local_model: Option<String>,
+    /// The `model` name sent to the local model (single-model servers ignore it).
+    #[arg(
+        long,
+        env = "AGENTPLANE_EDGE_LOCAL_MODEL_NAME",
+        default_value = "local"
+    )]
+    local_model_name: String,
+    /// Most tokens the local model may generate for one intent.
+    #[arg(long, default_value_t = 512)]
+    local_model_max_tokens: u32,
+    /// Longest one local model call may take, in seconds.
+    #[arg(long, default_value_t = 300)]
+    local_model_timeout_secs: u64,
+}
+
+impl LocalModelArgs {
+    fn config(&self) -> Option<LocalModelConfig> {
+        self.local_model.as_ref().map(|url| LocalModelConfig {
+            url: url.clone(),
+            model: self.local_model_name.clone(),
+            max_tokens: self.local_model_max_tokens.max(1),
+            timeout: Duration::from_secs(self.local_model_timeout_secs.max(1)),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -321,9 +362,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     poll_interval: Duration::from_millis(args.poll_ms.max(50)),
                     policy: LocalPolicy {
                         allow_private_upload: args.allow_private_upload,
+                        ..LocalPolicy::default()
                     },
                     ..SenderConfig::default()
                 },
+                local_model: args.local.config(),
             };
             agent::run(opts).await.context("agent stopped")?;
         }
@@ -376,6 +419,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             privacy,
             user,
             allow_private_upload,
+            local_model,
             gpu,
             wait,
             timeout_secs,
@@ -396,6 +440,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 user,
                 LocalPolicy {
                     allow_private_upload,
+                    local_model: local_model.is_some(),
+                    state_file: Some(paths.state_file.clone()),
+                    ..LocalPolicy::default()
                 },
             )?;
             let req = IntentRequest {
@@ -409,7 +456,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 consent_scopes: vec!["process".into()],
             };
             let accepted = capturer.capture(req).await?;
+            // The first line stays `<task id> seq=<n>`: scripts read it.
             println!("{} seq={}", accepted.task_id, accepted.seq);
+            if accepted.runs_on == RunsOn::Device {
+                println!("runs on this device's local model; it is never sent");
+            }
             if wait {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
                 loop {
@@ -474,8 +525,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     state.gateway.as_deref().unwrap_or("(none)")
                 );
                 println!(
-                    "pending upload {}  running {}  done {}  rejected {}  kept local {}",
-                    counts.pending, counts.sent, counts.done, counts.rejected, counts.held
+                    "pending upload {}  running {}  done {}  rejected {}  kept local {}  queued on device {}",
+                    counts.pending,
+                    counts.sent,
+                    counts.done,
+                    counts.rejected,
+                    counts.held,
+                    counts.local
                 );
                 for e in recent {
                     print_entry(&e);
@@ -534,14 +590,19 @@ fn print_entry(e: &Entry) {
     let shown = match e.state {
         EntryState::Pending => "Pending upload".to_owned(),
         EntryState::Held => "Kept on device".to_owned(),
+        EntryState::Local => "Queued on device".to_owned(),
         EntryState::Rejected => "Rejected".to_owned(),
         EntryState::Sent | EntryState::Done => {
             e.phase.clone().unwrap_or_else(|| "Submitted".into())
         }
     };
     println!(
-        "{:>6}  {}  {:<16} {}",
-        e.seq, e.task_id, shown, e.intent_type
+        "{:>6}  {}  {:<16} {:<6} {}",
+        e.seq,
+        e.task_id,
+        shown,
+        e.runs_on.as_str(),
+        e.intent_type
     );
     if let Some(r) = &e.result {
         println!("        result: {r}");
@@ -549,7 +610,7 @@ fn print_entry(e: &Entry) {
     if let Some(r) = &e.reason {
         println!("        reason: {r}");
     }
-    if e.state == EntryState::Pending
+    if matches!(e.state, EntryState::Pending | EntryState::Local)
         && let Some(err) = &e.last_error
     {
         println!("        last attempt: {err}");

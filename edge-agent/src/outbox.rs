@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Largest number of captures committed in one transaction.
 const MAX_GROUP: usize = 512;
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -73,6 +73,9 @@ pub enum EntryState {
     Rejected,
     /// Kept on the device by local policy (a `private` intent): never sent.
     Held,
+    /// Waiting for (or running on) the device's local model; never sent. Stays here until the local
+    /// model's answer is recorded, so a crash mid-call runs it again.
+    Local,
 }
 
 impl EntryState {
@@ -83,6 +86,7 @@ impl EntryState {
             EntryState::Done => "done",
             EntryState::Rejected => "rejected",
             EntryState::Held => "held",
+            EntryState::Local => "local",
         }
     }
 
@@ -92,7 +96,33 @@ impl EntryState {
             "done" => EntryState::Done,
             "rejected" => EntryState::Rejected,
             "held" => EntryState::Held,
+            "local" => EntryState::Local,
             _ => EntryState::Pending,
+        }
+    }
+}
+
+/// Where an intent runs: on the device's local model or sent to the gateway (the cloud).
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum RunsOn {
+    Device,
+    Cloud,
+}
+
+impl RunsOn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunsOn::Device => "device",
+            RunsOn::Cloud => "cloud",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        if s == "device" {
+            RunsOn::Device
+        } else {
+            RunsOn::Cloud
         }
     }
 }
@@ -108,6 +138,7 @@ pub struct NewEntry {
     pub privacy: String,
     pub created_at: String,
     pub state: EntryState,
+    pub runs_on: RunsOn,
 }
 
 /// One stored intent and what is known about its task.
@@ -125,6 +156,8 @@ pub struct Entry {
     pub privacy: String,
     pub created_at: String,
     pub state: EntryState,
+    /// Where the intent runs (or ran); the UI shows it.
+    pub runs_on: RunsOn,
     pub attempts: u32,
     pub last_error: Option<String>,
     pub phase: Option<String>,
@@ -152,12 +185,14 @@ pub struct Counts {
     pub done: u64,
     pub rejected: u64,
     pub held: u64,
+    /// Waiting for or running on the local model.
+    pub local: u64,
 }
 
 #[derive(Clone, Debug)]
 pub struct OutboxConfig {
     pub path: PathBuf,
-    /// Most intents not yet finished (pending, sent, held). Captures beyond it are refused, never dropped.
+    /// Most intents not yet finished (pending, sent, held, local). Captures beyond it are refused, never dropped.
     pub max_unfinished: u64,
     /// Finished entries (done, rejected) kept for display; older ones are pruned by `prune`.
     pub keep_finished: u64,
@@ -402,6 +437,7 @@ impl Outbox {
                     EntryState::Done => counts.done += n,
                     EntryState::Rejected => counts.rejected += n,
                     EntryState::Held => counts.held += n,
+                    EntryState::Local => counts.local += n,
                 }
             }
             Ok(counts)
@@ -521,6 +557,56 @@ impl Outbox {
         .await
     }
 
+    /// Entries waiting for the local model, oldest first.
+    pub async fn local_queue(&self, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+        self.query(
+            "SELECT * FROM outbox WHERE state = 'local' ORDER BY seq LIMIT ?1",
+            limit as i64,
+        )
+        .await
+    }
+
+    /// The local model's outcome for an entry: it is done, with the answer or the reason it failed.
+    pub async fn record_local(
+        &self,
+        task_id: &str,
+        phase: &str,
+        result: Option<String>,
+        reason: Option<String>,
+    ) -> Result<(), OutboxError> {
+        let task_id = task_id.to_owned();
+        let phase = phase.to_owned();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE outbox SET state = 'done', phase = ?2, result = ?3, reason = ?4, attempts = attempts + 1, last_error = NULL, updated_at = ?5 WHERE task_id = ?1 AND state = 'local'",
+                params![
+                    task_id,
+                    phase,
+                    result.map(|r| truncate(&r, 1 << 20)),
+                    reason.map(|r| truncate(&r, 4000)),
+                    now()
+                ],
+            )
+            .map_err(OutboxError::Sqlite)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A local model call failed in a way worth retrying; the entry stays queued for it.
+    pub async fn mark_local_attempt_failed(
+        &self,
+        task_id: &str,
+        error: &str,
+    ) -> Result<(), OutboxError> {
+        self.update(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, updated_at = ?3 WHERE task_id = ?1 AND state = 'local'",
+            task_id,
+            Some(truncate(error, 1000)),
+        )
+        .await
+    }
+
     /// A status poll for the task failed; it goes to the back of the polling line.
     pub async fn touch_polled(&self, task_id: &str) -> Result<(), OutboxError> {
         let task_id = task_id.to_owned();
@@ -623,6 +709,19 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if version >= SCHEMA_VERSION {
         return Ok(());
     }
+    if version < 1 {
+        create_v1(conn)?;
+    }
+    // v2: where each intent runs. Every entry older than the local model tier went to the gateway.
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE outbox ADD COLUMN runs_on TEXT NOT NULL DEFAULT 'cloud';
+         PRAGMA user_version = 2;
+         COMMIT;",
+    )
+}
+
+fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "BEGIN IMMEDIATE;
          CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
@@ -675,6 +774,7 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
         privacy: r.get("privacy")?,
         created_at: r.get("created_at")?,
         state: EntryState::parse(&r.get::<_, String>("state")?),
+        runs_on: RunsOn::parse(&r.get::<_, String>("runs_on")?),
         attempts: r.get::<_, i64>("attempts")?.clamp(0, u32::MAX as i64) as u32,
         last_error: r.get("last_error")?,
         phase: r.get("phase")?,
@@ -735,7 +835,7 @@ fn commit_group(conn: &mut Connection, cfg: &OutboxConfig, group: Vec<(BuildFn, 
         let next = read_next_seq(&tx).map_err(sq)?;
         let unfinished: i64 = tx
             .query_row(
-                "SELECT count(*) FROM outbox WHERE state IN ('pending','sent','held')",
+                "SELECT count(*) FROM outbox WHERE state IN ('pending','sent','held','local')",
                 [],
                 |r| r.get(0),
             )
@@ -765,8 +865,8 @@ fn commit_group(conn: &mut Connection, cfg: &OutboxConfig, group: Vec<(BuildFn, 
         let seq = next;
         let outcome = build(seq).and_then(|e| {
             tx.execute(
-                "INSERT INTO outbox (seq, task_id, envelope, traceparent, intent_type, prompt, privacy, created_at, state, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO outbox (seq, task_id, envelope, traceparent, intent_type, prompt, privacy, created_at, state, updated_at, runs_on)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     i64::try_from(seq).unwrap_or(i64::MAX),
                     e.task_id,
@@ -777,7 +877,8 @@ fn commit_group(conn: &mut Connection, cfg: &OutboxConfig, group: Vec<(BuildFn, 
                     e.privacy,
                     e.created_at,
                     e.state.as_str(),
-                    now()
+                    now(),
+                    e.runs_on.as_str()
                 ],
             )
             .map_err(sq)?;
@@ -838,12 +939,36 @@ mod tests {
             privacy: "public".into(),
             created_at: now(),
             state: EntryState::Pending,
+            runs_on: RunsOn::Cloud,
         }
     }
 
     async fn add(o: &Outbox, id: &str) -> Result<(u64, String), OutboxError> {
         let id = id.to_owned();
         o.insert(move |_| Ok(entry(id))).await
+    }
+
+    #[tokio::test]
+    async fn a_version_1_outbox_is_migrated_and_its_entries_ran_in_the_cloud() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            create_v1(&conn).unwrap();
+            conn.execute(
+                "INSERT INTO outbox (seq, task_id, envelope, traceparent, intent_type, prompt, privacy, created_at, state, updated_at)
+                 VALUES (1, 'old', '{}', 'tp', 't', 'p', 'public', 'c', 'done', 'u')",
+                [],
+            )
+            .unwrap();
+        }
+        let o = Outbox::open(OutboxConfig::new(&path)).unwrap();
+        let e = o.get("old").await.unwrap().unwrap();
+        assert_eq!((e.state, e.runs_on), (EntryState::Done, RunsOn::Cloud));
+        drop(o);
+        // Opening again finds version 2 and changes nothing.
+        let o = Outbox::open(OutboxConfig::new(&path)).unwrap();
+        assert_eq!(o.all().await.unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -978,7 +1103,8 @@ mod tests {
                 sent: 0,
                 done: 1,
                 rejected: 1,
-                held: 0
+                held: 0,
+                local: 0
             }
         );
         assert_eq!(o.prune(1).await.unwrap(), 1);

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::capture::{CaptureError, Capturer, IntentRequest};
-use crate::outbox::{Counts, Entry};
+use crate::outbox::{Counts, Entry, RunsOn};
 use crate::sender::{Link, LinkState};
 
 const INDEX_HTML: &str = include_str!("../ui/index.html");
@@ -27,6 +27,8 @@ pub struct UiState {
     pub capturer: Capturer,
     pub link: Arc<Link>,
     pub wake: Arc<tokio::sync::Notify>,
+    /// Wakes the local model runner.
+    pub local_wake: Arc<tokio::sync::Notify>,
     /// `Host` values accepted (e.g. `127.0.0.1:7420`, `localhost:7420`).
     pub allowed_hosts: Arc<Vec<String>>,
 }
@@ -178,13 +180,19 @@ async fn submit_intent(
     };
     match s.capturer.capture(req).await {
         Ok(accepted) => {
-            s.wake.notify_one();
+            match accepted.runs_on {
+                RunsOn::Cloud => s.wake.notify_one(),
+                RunsOn::Device => s.local_wake.notify_one(),
+            }
             (StatusCode::CREATED, Json(accepted)).into_response()
         }
         Err(e) => {
             let status = match &e {
                 CaptureError::Invalid(_) => StatusCode::BAD_REQUEST,
-                CaptureError::PrivateStaysLocal => StatusCode::FORBIDDEN,
+                CaptureError::PrivateStaysLocal
+                | CaptureError::RegulatedStaysLocal
+                | CaptureError::RegulatedRefused => StatusCode::FORBIDDEN,
+                CaptureError::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 CaptureError::Outbox(crate::outbox::OutboxError::Full { .. })
                 | CaptureError::Outbox(crate::outbox::OutboxError::DiskFull) => {
                     StatusCode::INSUFFICIENT_STORAGE

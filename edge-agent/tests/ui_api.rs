@@ -28,6 +28,7 @@ async fn serve(max_unfinished: u64) -> (String, tempfile::TempDir) {
         capturer,
         link: Arc::new(Link::default()),
         wake: Arc::new(tokio::sync::Notify::new()),
+        local_wake: Arc::new(tokio::sync::Notify::new()),
         allowed_hosts: Arc::new(allowed_hosts(addr)),
     });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

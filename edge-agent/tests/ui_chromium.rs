@@ -1,6 +1,7 @@
 //! The UI driven in headless Chromium against the real `agentplane dev`: type an intent, click submit,
 //! wait for Succeeded, assert the result text; the screenshot is kept under
-//! `target/test-artifacts/edge-ui.png`. Debian chromium and playwright-core are peers installed by
+//! `target/test-artifacts/edge-ui.png`. A private intent on a device with a local model (the real
+//! llama.cpp server) is shown as run on the device (`edge-ui-device.png`). Debian chromium and playwright-core are peers installed by
 //! `ci/peers.sh`; without them the test fails with the reason.
 
 mod common;
@@ -59,6 +60,29 @@ fn the_ui_in_headless_chromium_reaches_succeeded() {
         &artifacts.join("edge-ui-offline.png"),
     );
     offline.terminate();
+
+    // A third device with a local model (the real llama.cpp server): a private intent runs there and
+    // the page says so.
+    let python = common::llama::python();
+    let model = common::llama::make_model(&python, dir.path());
+    let server = common::llama::start(
+        &python,
+        &model,
+        common::free_port(),
+        &dir.path().join("llama.log"),
+    );
+    let local = start_edge(
+        &dir.path().join("edge-local"),
+        &[
+            "--local-model",
+            &server.addr,
+            "--local-model-max-tokens",
+            "16",
+        ],
+    );
+    drive(&local.addr, "device", &artifacts.join("edge-ui-device.png"));
+    local.terminate();
+    server.terminate();
     agent.terminate();
     gw.terminate();
 }

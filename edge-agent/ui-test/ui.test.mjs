@@ -7,8 +7,10 @@ const screenshot = process.env.SCREENSHOT || "edge-ui.png";
 const prompt = process.env.PROMPT || "hello from headless chromium";
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 // "succeeded" (default): the gateway is up and the task must finish. "offline": the gateway is down and
-// the page must say the intent is saved and waiting.
+// the page must say the intent is saved and waiting. "device": a private intent must finish on the
+// device's local model and be shown as run there.
 const expect = process.env.EXPECT || "succeeded";
+const privacy = expect === "device" ? "private" : "public";
 if (!url) {
   console.error("EDGE_URL is required");
   process.exit(2);
@@ -30,6 +32,7 @@ try {
   await page.goto(url + "/");
   await page.fill("#intent-type", "summarize");
   await page.fill("#prompt", prompt);
+  await page.selectOption("#privacy", privacy);
   await page.click("#submit");
   await page.waitForFunction(
     () => document.querySelector("#form-message")?.textContent.startsWith("Saved on this device"),
@@ -42,8 +45,18 @@ try {
     await task.locator(".phase", { hasText: "Pending upload (waiting: offline)" }).waitFor({ timeout: 30_000 });
     await page.locator("#link", { hasText: "offline" }).waitFor({ timeout: 10_000 });
     console.log("UI OK: offline, waiting to upload");
+  } else if (expect === "device") {
+    await task.locator(".phase", { hasText: "Succeeded" }).waitFor({ timeout: 60_000 });
+    const where = await task.locator(".where").textContent();
+    if (where !== "on this device") throw new Error(`shown as run on ${JSON.stringify(where)}`);
+    // The local model's random weights write nonsense, but they write something.
+    const result = await task.locator(".result").textContent();
+    if (!result) throw new Error("no result from the local model");
+    console.log("UI OK: ran on this device, result =", JSON.stringify(result));
   } else {
     await task.locator(".phase", { hasText: "Succeeded" }).waitFor({ timeout: 30_000 });
+    const where = await task.locator(".where").textContent();
+    if (where !== "cloud") throw new Error(`shown as run on ${JSON.stringify(where)}`);
     const result = await task.locator(".result").textContent();
     if (!result || !result.includes(prompt)) {
       throw new Error(`result ${JSON.stringify(result)} does not mention the prompt`);

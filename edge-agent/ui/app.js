@@ -12,6 +12,8 @@ function label(task) {
       return online === false ? "Pending upload (waiting: offline)" : "Pending upload";
     case "held":
       return "Kept on this device";
+    case "local":
+      return "Queued on this device";
     case "rejected":
       return "Rejected";
     default:
@@ -20,7 +22,7 @@ function label(task) {
 }
 
 function cssClass(task) {
-  if (task.state === "pending") return "pending";
+  if (task.state === "pending" || task.state === "local") return "pending";
   if (task.state === "rejected" || task.phase === "Failed" || task.phase === "Denied") return "failed";
   if (task.phase === "Succeeded") return "succeeded";
   return "active";
@@ -39,11 +41,14 @@ function renderTasks(tasks) {
     const li = el("li", "task " + cssClass(t));
     li.dataset.taskId = t.taskId;
     const head = el("div", "head");
-    head.append(el("span", "type", t.intentType), el("span", "phase", label(t)));
+    // Where it runs: "on this device" (the local model; never sent) or "cloud" (the gateway).
+    const where = el("span", "where " + t.runsOn, t.runsOn === "device" ? "on this device" : "cloud");
+    where.dataset.runsOn = t.runsOn;
+    head.append(el("span", "type", t.intentType), where, el("span", "phase", label(t)));
     li.append(head, el("div", "prompt", t.prompt));
     if (t.result) li.append(el("div", "result", t.result));
     if (t.reason) li.append(el("div", "meta reason", t.reason));
-    if (t.state === "pending" && t.lastError) li.append(el("div", "meta", "last attempt: " + t.lastError));
+    if ((t.state === "pending" || t.state === "local") && t.lastError) li.append(el("div", "meta", "last attempt: " + t.lastError));
     li.append(el("div", "meta", "#" + t.seq + " · " + t.taskId + " · " + t.privacy));
     return li;
   });
@@ -65,7 +70,7 @@ function renderState(s) {
     link.textContent = "not connected yet";
   }
   const c = s.counts;
-  $("counts").textContent = "(" + c.pending + " waiting to upload, " + c.sent + " running, " + c.done + " done)";
+  $("counts").textContent = "(" + c.pending + " waiting to upload, " + c.sent + " running, " + c.local + " queued on this device, " + c.done + " done)";
   $("device").textContent = "device " + s.deviceId + " · key " + s.keyId;
 }
 
@@ -102,7 +107,8 @@ $("intent-form").addEventListener("submit", async (ev) => {
     const j = await r.json().catch(() => ({}));
     if (r.ok) {
       msg.textContent = "Saved on this device (#" + j.seq + ")" +
-        (online === true ? "; sending to the gateway." : "; it will upload when online.");
+        (j.runsOn === "device" ? "; it runs here on the local model and is never sent."
+          : online === true ? "; sending to the gateway." : "; it will upload when online.");
       $("prompt").value = "";
     } else {
       msg.className = "message error";

@@ -8,9 +8,11 @@ use std::time::Duration;
 use agentplane::client::{ClientError, DeviceIdentity, GatewayClient};
 use agentplane::gateway::serve::TlsFiles;
 use agentplane::gateway::{ApproverCredential, GatewayConfig};
-use agentplane::runtime::{Embedded, EmbeddedConfig, random_token};
+use agentplane::runtime::{Embedded, EmbeddedConfig, default_policy, random_token};
 use agentplane::worker::WorkerConfig;
+use agentplane_api::AgentPolicySpec;
 use agentplane_api::TaskPhase;
+use agentplane_api::policy::{EdgePolicy, RegulatedRoute};
 use anyhow::Context as _;
 use serde::Deserialize;
 
@@ -67,6 +69,19 @@ pub struct DevArgs {
     /// Log format: json or text [default: json].
     #[arg(long, env = "AGENTPLANE_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Where enrolled devices run `regulated` intents (the seeded policy's `edge.regulated`): local,
+    /// cloud or refuse. Applies when the data directory has no policy yet.
+    #[arg(long, env = "AGENTPLANE_EDGE_REGULATED", value_parser = parse_regulated)]
+    edge_regulated: Option<RegulatedRoute>,
+}
+
+fn parse_regulated(s: &str) -> Result<RegulatedRoute, String> {
+    match s {
+        "local" => Ok(RegulatedRoute::Local),
+        "cloud" => Ok(RegulatedRoute::Cloud),
+        "refuse" => Ok(RegulatedRoute::Refuse),
+        other => Err(format!("{other:?} is not one of local, cloud, refuse")),
+    }
 }
 
 /// The `--config` file: the same options as the flags.
@@ -87,6 +102,7 @@ struct DevFile {
     workers: Option<usize>,
     max_receive_count: Option<u32>,
     log_format: Option<String>,
+    edge_regulated: Option<RegulatedRoute>,
 }
 
 pub fn parse_approver(s: &str) -> anyhow::Result<(String, String)> {
@@ -176,6 +192,13 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .max_receive_count
             .or(file.max_receive_count)
             .unwrap_or(defaults.max_receive_count),
+        initial_policy: args
+            .edge_regulated
+            .or(file.edge_regulated)
+            .map(|regulated| AgentPolicySpec {
+                edge: Some(EdgePolicy { regulated }),
+                ..default_policy()
+            }),
         ..defaults
     };
 

@@ -93,6 +93,7 @@ const PEERS: &[(&str, &str)] = &[
     ("crane", "AGENTPLANE_CRANE"),
     ("mcp-python", "AGENTPLANE_MCP_PYTHON"),
     ("opa", "AGENTPLANE_OPA"),
+    ("llama-cpp", "AGENTPLANE_LLAMA_PYTHON"),
 ];
 
 fn known_peers() -> String {

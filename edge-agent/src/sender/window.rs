@@ -216,6 +216,7 @@ mod tests {
             privacy: "public".into(),
             created_at: String::new(),
             state: EntryState::Pending,
+            runs_on: crate::outbox::RunsOn::Cloud,
             attempts: 0,
             last_error: None,
             phase: None,

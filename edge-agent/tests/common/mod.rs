@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: starting the agent binary and the real `agentplane dev`.
 #![allow(dead_code)]
 
+pub mod llama;
+
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

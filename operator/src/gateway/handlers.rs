@@ -612,6 +612,9 @@ async fn enroll_inner(
         })
         .await?;
     let namespace = state.store.namespace().to_owned();
+    // The device applies this part of the policy itself (where regulated intents run); re-enrolling
+    // hands it the current one.
+    let edge_policy = state.store.get_policy().await?.and_then(|p| p.edge);
     match outcome {
         EnrollOutcome::Created(d) => {
             tracing::info!(device = %d.name, "device enrolled");
@@ -622,6 +625,7 @@ async fn enroll_inner(
                     namespace,
                     already_enrolled: false,
                     last_seq: None,
+                    edge_policy,
                 },
             ))
         }
@@ -632,6 +636,7 @@ async fn enroll_inner(
                 namespace,
                 already_enrolled: true,
                 last_seq: d.status.last_seq,
+                edge_policy,
             },
         )),
         EnrollOutcome::InvalidToken => Err(ApiError::unauthorized(

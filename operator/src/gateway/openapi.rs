@@ -143,7 +143,9 @@ fn schemas() -> Value {
                 "key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$", "description": "standard base64 of the raw 32-byte Ed25519 public key"},
                 "notAfter": {"type": "string", "format": "date-time"}}}}},
         "EnrollResponse": {"type": "object", "required": ["deviceId", "namespace", "alreadyEnrolled"], "properties": {
-            "deviceId": {"type": "string"}, "namespace": {"type": "string"}, "alreadyEnrolled": {"type": "boolean"}, "lastSeq": {"type": "integer"}}},
+            "deviceId": {"type": "string"}, "namespace": {"type": "string"}, "alreadyEnrolled": {"type": "boolean"}, "lastSeq": {"type": "integer"},
+            "edgePolicy": {"type": "object", "description": "AgentPolicy spec.edge: what the device applies itself", "properties": {
+                "regulated": {"type": "string", "enum": ["local", "cloud", "refuse"]}}}}},
         "AddKeyRequest": {"type": "object", "required": ["publicKey", "ts", "signedBy", "signature", "proof"], "properties": {
             "publicKey": {"type": "object", "required": ["id", "alg", "key"], "properties": {
                 "id": {"type": "string", "minLength": 1, "maxLength": 128},

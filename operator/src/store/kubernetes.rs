@@ -814,7 +814,8 @@ impl TaskStore for KubeStore {
         // rewrites the record; the other order could leave a suspension nobody explains.
         let status = serde_json::json!({
             "metadata": { "resourceVersion": policy.resource_version() },
-            "status": AgentPolicyStatus { last_trip: Some(trip) },
+            // Conditions are empty here, so skipped: the merge patch leaves the operator's as they are.
+            "status": AgentPolicyStatus { last_trip: Some(trip), ..Default::default() },
         });
         let recorded = self
             .policies

@@ -706,9 +706,20 @@ impl TaskStore for SqliteStore {
                 params![POLICY_NAME, to_json(&spec)?],
             )
             .map_err(be)?;
-            let status = AgentPolicyStatus {
-                last_trip: Some(trip),
+            // Only the trip is new: whatever else the status records (its conditions) stays.
+            let prior: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM policy_status WHERE name = ?1",
+                    params![POLICY_NAME],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(be)?;
+            let mut status: AgentPolicyStatus = match prior {
+                Some(json) => from_json(&json)?,
+                None => AgentPolicyStatus::default(),
             };
+            status.last_trip = Some(trip);
             tx.execute(
                 "INSERT INTO policy_status (name, status) VALUES (?1, ?2)
                      ON CONFLICT(name) DO UPDATE SET status = excluded.status",
