@@ -741,6 +741,38 @@ async fn max_steps_exceeded_fails_the_task_with_the_reason() {
     f.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_server_that_cannot_run_fails_the_attempts_and_then_the_task_with_the_reason() {
+    let model = ModelServer::start(vec![
+        Scripted::Calls(vec![("gone__anything", json!({}))]),
+        Scripted::Answer,
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-mcp-server");
+    let p = policy(
+        EndpointKind::Openai,
+        &model.base,
+        vec![server(
+            "gone",
+            missing.to_string_lossy().into_owned(),
+            vec![],
+        )],
+        vec![tool("gone", "anything", false)],
+    );
+    let (rt, device) = start(dir.path(), p).await;
+    let id = submit(&*rt.store, &device, 1, "use a broken server").await;
+    let t = finished(&*rt.store, &id).await;
+    assert_eq!(t.phase(), TaskPhase::Failed);
+    let reason = t.status.reason.clone().unwrap();
+    assert!(
+        reason.contains("dead-letter") && reason.contains("MCP server gone: could not connect"),
+        "{reason}"
+    );
+    assert!(model.seen().is_empty(), "no model turn without the tools");
+    rt.stop().await;
+}
+
 /// Writes an approver's decision on the pending call, as the gateway records it.
 async fn decide(store: &dyn TaskStore, t: &TaskRecord, decision: ApprovalDecision) {
     let pending = t.status.pending_approval.clone().unwrap();
