@@ -219,10 +219,16 @@ fn everything() -> String {
 }
 
 fn python() -> String {
-    agentplane_testsupport::peer_path("mcp-python")
-        .expect("the Python MCP SDK is a required peer: run ci/peers.sh mcp-python")
-        .to_string_lossy()
-        .into_owned()
+    let entry = agentplane_testsupport::peer_path("mcp-python")
+        .expect("the Python MCP SDK is a required peer: run ci/peers.sh mcp-python");
+    // A cache built by an older ci/peers.sh has the entry as a symlink into the venv: Python finds
+    // its venv only when started by a path inside it, so follow that one link (canonicalizing would
+    // leave the venv for the base interpreter).
+    let entry = match std::fs::read_link(&entry) {
+        Ok(target) => entry.parent().map(|d| d.join(&target)).unwrap_or(target),
+        Err(_) => entry,
+    };
+    entry.to_string_lossy().into_owned()
 }
 
 fn recorder_script() -> PathBuf {
