@@ -135,6 +135,11 @@ build_moto() {
 # The venv's interpreter is the entry: tests run our own server scripts (ci/mcp/*.py) with it.
 build_mcp_python() {
   pip_venv_build "$1" mcp-python "mcp==$MCP_PYTHON_VERSION" python
+  # A symlink outside the venv's bin/ does not find the venv's pyvenv.cfg (the interpreter then runs
+  # without the SDK): the entry is a wrapper that execs the venv's own interpreter instead.
+  rm -f "$1/python"
+  printf '#!/bin/sh\nexec "%s/venv/bin/python" "$@"\n' "$1" >"$1/python"
+  chmod +x "$1/python"
 }
 
 # Compiles llama.cpp from the sdist (CPU only). GGML_NATIVE=OFF builds for the generic x86-64

@@ -447,6 +447,8 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 call_timeout: Duration::from_secs(args.model_timeout_secs.max(1)),
                 ..WorkerConfig::default()
             },
+            // No step journal on this backend yet: tasks whose intents allow tools fail, saying so.
+            plans: agentplane::worker::plan::PlanSupport::default(),
         });
         if let Some((namespace, name)) = &args.task {
             return run_one_task(&worker, namespace, name).await;

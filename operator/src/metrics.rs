@@ -79,6 +79,11 @@ pub const METRICS: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "agentplane_tool_calls_total",
+        "Tool calls of plans, by server, tool and outcome (ok, error, refused, failed).",
+        Kind::Counter,
+    ),
+    (
         "agentplane_dead_letters_total",
         "Messages taken off the dead-letter queue.",
         Kind::Counter,

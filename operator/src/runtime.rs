@@ -21,8 +21,10 @@ use crate::metrics::Metrics;
 use crate::models::Models;
 use crate::queue::DynQueue;
 use crate::queue::sqlite::{Redrive, SqliteQueue};
+use crate::store::journal::SqliteJournal;
 use crate::store::sqlite::{Db, SqliteStore};
 use crate::store::{DynStore, StoreError, hash_secret};
+use crate::worker::plan::PlanSupport;
 use crate::worker::{Worker, WorkerConfig};
 
 pub const QUEUE_NAME: &str = "tasks";
@@ -254,6 +256,7 @@ impl Embedded {
             );
         }
         let queue: DynQueue = main_queue;
+        let journal_db = db.clone();
         let dead_letters: DynQueue = SqliteQueue::new(db, DEAD_LETTER_QUEUE_NAME, None);
 
         if store.get_policy().await?.is_none() {
@@ -324,6 +327,14 @@ impl Embedded {
             ),
             metrics: metrics.clone(),
             config: cfg.worker.clone(),
+            // Plans journal their steps in the same database as the tasks; MCP servers' secrets
+            // come from the same directory as model keys.
+            plans: PlanSupport::new(
+                Some(Arc::new(SqliteJournal::new(journal_db).await?)),
+                Some(Arc::new(crate::secrets::FileSecrets::new(
+                    cfg.data_dir.join("secrets"),
+                ))),
+            ),
         });
         tasks.push(tokio::spawn(worker.run(shutdown.clone())));
         tracing::info!(%addr, tls, data_dir = %cfg.data_dir.display(), "agentplane dev runtime started");

@@ -316,6 +316,7 @@ async fn completion_is_exactly_once_and_finished_tasks_never_rerun() {
         models: model.clone(),
         metrics: Default::default(),
         config: WorkerConfig::default(),
+        plans: Default::default(),
     });
     // Two workers take the two copies at once: both may call the model, only one completes.
     let deliveries = queue
@@ -420,6 +421,7 @@ async fn a_suspended_policy_stops_workers_taking_work() {
             wait: Duration::ZERO,
             ..WorkerConfig::default()
         },
+        plans: Default::default(),
     };
     let d = queue
         .receive(1, Duration::from_secs(30), Duration::ZERO)

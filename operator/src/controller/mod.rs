@@ -537,7 +537,13 @@ async fn enqueue(
             body: serde_json::to_string(&body).map_err(QueueError::backend)?,
             attributes,
             group_id: Some(task.spec.device_ref.name.clone()),
-            dedup_id: Some(task.id.clone()),
+            // A plan approved at a step is sent again while its first message may still be in the
+            // queue (the parking worker deletes it after writing AwaitingApproval) or inside SQS
+            // FIFO's 5-minute window: a per-step id keeps the second send from being deduplicated.
+            dedup_id: Some(match &task.status.pending_approval {
+                Some(p) => format!("{}/step/{}", task.id, p.step),
+                None => task.id.clone(),
+            }),
         })
         .instrument(span)
         .await?;

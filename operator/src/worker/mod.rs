@@ -8,6 +8,7 @@
 //! queue, whose reaper marks the task Failed with the last error.
 
 pub mod one_task;
+pub mod plan;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +74,8 @@ pub struct Worker {
     pub models: Arc<dyn ModelClient>,
     pub metrics: Arc<Metrics>,
     pub config: WorkerConfig,
+    /// What multi-step plans need (step journal, MCP secrets, the tool gate's rate-limit log).
+    pub plans: plan::PlanSupport,
 }
 
 /// How one attempt ended (for logs and tests).
@@ -332,15 +335,17 @@ impl Worker {
             }
         };
 
+        // An intent whose rule allows tools runs as a plan; any other is one model call, as before.
+        if let Some(policy) = policy.filter(|p| plan::has_tools(p, &running.spec.intent_type)) {
+            let prompt = plan::Prompt {
+                text: payload.intent.prompt,
+                params: payload.intent.params,
+            };
+            return self.run_plan(d, running, tier, policy, prompt).await;
+        }
+
         let stop = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat(
-            self.store.clone(),
-            self.queue.clone(),
-            d.lease.clone(),
-            running.id.clone(),
-            self.config.visibility,
-            stop.clone(),
-        ));
+        let heartbeat = self.start_heartbeat(d, &running.id, &stop);
         // Step 1 is the task's one model call; every attempt at it carries the same key.
         let step_key = idempotency_key(&running.id, 1);
         // The model call's own span; the endpoint gets its context as `traceparent`.
@@ -411,6 +416,13 @@ impl Worker {
             output_tokens: completion.output_tokens,
             cost_micros: tier.cost_micros(completion.input_tokens, completion.output_tokens),
         };
+        self.count_model_call(&tier, &usage);
+        self.succeed(d, &running, completion.text, usage, Vec::new())
+            .await
+    }
+
+    /// Counts one successful model call (a task's call, or one turn of a plan) in the metrics.
+    fn count_model_call(&self, tier: &agentplane_api::policy::ModelTier, usage: &Usage) {
         self.metrics.inc(
             "agentplane_model_calls_total",
             &[("tier", &tier.name), ("outcome", "ok")],
@@ -443,15 +455,31 @@ impl Worker {
             ],
             usage.cost_micros,
         );
+    }
 
+    /// Writes the result (conditional on the version read at Running) and deletes the message.
+    async fn succeed(
+        &self,
+        d: &Delivery,
+        running: &TaskRecord,
+        result: String,
+        usage: Usage,
+        steps: Vec<agentplane_api::task::PlanStep>,
+    ) -> Result<Handled, WorkerError> {
         let done = AgentTaskStatus {
             phase: Some(TaskPhase::Succeeded),
             usage: Some(usage),
-            result: Some(completion.text),
+            result: Some(result),
             reason: None,
+            steps: if steps.is_empty() {
+                running.status.steps.clone()
+            } else {
+                steps
+            },
+            pending_approval: None,
             ..running.status.clone()
         };
-        match write_status(&*self.store, &running, done).await {
+        match write_status(&*self.store, running, done).await {
             Ok(_) => {
                 self.metrics.inc(
                     "agentplane_task_transitions_total",
@@ -465,6 +493,24 @@ impl Worker {
             Err(StoreError::Conflict { .. }) => self.settle_after_stop(d, &running.id).await,
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Starts the heartbeat that keeps `d` hidden while the task runs and cancels `stop` when the
+    /// task is cancelled or finished elsewhere, or the lease is lost.
+    fn start_heartbeat(
+        &self,
+        d: &Delivery,
+        id: &str,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(heartbeat(
+            self.store.clone(),
+            self.queue.clone(),
+            d.lease.clone(),
+            id.to_owned(),
+            self.config.visibility,
+            stop.clone(),
+        ))
     }
 
     /// After an interrupted or conflicting attempt: decide from the stored task what the message means.
