@@ -34,7 +34,13 @@ report() {
     echo "==> stage timings"
     printf '    %s\n' "${timings[@]}"
     # One closing line over every test binary, so a reader need not add up cargo's per-binary lines.
-    awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+    # Benchmarks are #[ignore]d with a reason starting "a benchmark" (ci/bench runs them in release);
+    # they are named apart, and every other ignored test counts as skipped.
+    awk '/^test result:/ { p += $4; f += $6; i += $8 }
+         / \.\.\. ignored, a benchmark/ { b += 1; names = names " " $2 }
+         END { printf "tests: %d passed, %d failed, %d skipped", p, f, i - b
+               if (b) printf "; %d benchmark(s) left to ci/bench:%s", b, names
+               printf "\n" }' "$log"
     rm -f "$log"
 }
 trap report EXIT

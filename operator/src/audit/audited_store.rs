@@ -594,29 +594,10 @@ mod tests {
     use crate::audit::checkpoint::Ed25519Signer;
     use crate::audit::log::AuditLogConfig;
     use crate::store::sqlite::{Db, SqliteStore};
-    use agentplane_api::intent::{PrivacyLevel, RequiredResources};
-    use agentplane_api::task::{AgentTaskSpec, DeviceRef};
-    use agentplane_api::{Envelope, EnvelopeSignature};
+    use agentplane_api::task::AgentTaskSpec;
 
     fn spec() -> AgentTaskSpec {
-        AgentTaskSpec {
-            device_ref: DeviceRef {
-                name: "kiosk".into(),
-            },
-            envelope: Envelope {
-                payload_type: "t".into(),
-                payload: "e30=".into(),
-                signatures: vec![EnvelopeSignature {
-                    keyid: String::new(),
-                    sig: String::new(),
-                }],
-            },
-            user_id: "alice".into(),
-            intent_type: "summarize".into(),
-            privacy_level: PrivacyLevel::Public,
-            required_resources: RequiredResources::default(),
-            cancel: None,
-        }
+        crate::store::test_task("spec", AgentTaskStatus::default()).spec
     }
 
     fn sql(path: &std::path::Path, statement: &str) {

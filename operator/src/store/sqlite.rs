@@ -224,6 +224,22 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(be)
 }
 
+/// The policy's recorded status (empty when nothing was recorded yet).
+fn read_policy_status(conn: &Connection) -> Result<AgentPolicyStatus, StoreError> {
+    let status: Option<String> = conn
+        .query_row(
+            "SELECT status FROM policy_status WHERE name = ?1",
+            params![POLICY_NAME],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(be)?;
+    Ok(status
+        .map(|s| from_json(&s))
+        .transpose()?
+        .unwrap_or_default())
+}
+
 fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(be)
 }
@@ -707,18 +723,7 @@ impl TaskStore for SqliteStore {
             )
             .map_err(be)?;
             // Only the trip is new: whatever else the status records (its conditions) stays.
-            let prior: Option<String> = tx
-                .query_row(
-                    "SELECT status FROM policy_status WHERE name = ?1",
-                    params![POLICY_NAME],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(be)?;
-            let mut status: AgentPolicyStatus = match prior {
-                Some(json) => from_json(&json)?,
-                None => AgentPolicyStatus::default(),
-            };
+            let mut status = read_policy_status(&tx)?;
             status.last_trip = Some(trip);
             tx.execute(
                 "INSERT INTO policy_status (name, status) VALUES (?1, ?2)
@@ -745,20 +750,7 @@ impl TaskStore for SqliteStore {
             if !exists {
                 return Ok(None);
             }
-            let status: Option<String> = conn
-                .query_row(
-                    "SELECT status FROM policy_status WHERE name = ?1",
-                    params![POLICY_NAME],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(be)?;
-            Ok(Some(
-                status
-                    .map(|s| from_json(&s))
-                    .transpose()?
-                    .unwrap_or_default(),
-            ))
+            Ok(Some(read_policy_status(conn)?))
         })
         .await
     }

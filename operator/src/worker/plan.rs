@@ -418,17 +418,7 @@ impl PlanRun<'_> {
             }
             Ok(Err(e)) => {
                 self.count_model_error("rejected");
-                let why = format!("step {n}: {e}");
-                self.finish(
-                    n,
-                    StepOutcome::Failed,
-                    None,
-                    None,
-                    Usage::default(),
-                    Some(&why),
-                )
-                .await?;
-                return Err(Stop::Fail(why));
+                return self.fail_step(n, format!("step {n}: {e}")).await;
             }
             Ok(Ok(r)) => r,
         };
@@ -583,17 +573,7 @@ impl PlanRun<'_> {
                     // message bound): retrying would only burn deliveries, so the task fails now.
                     Err(e) => {
                         self.count_tool(&server, &tool, "failed");
-                        let why = format!("step {n} ({name}): {e}");
-                        self.finish(
-                            n,
-                            StepOutcome::Failed,
-                            None,
-                            None,
-                            Usage::default(),
-                            Some(&why),
-                        )
-                        .await?;
-                        Err(Stop::Fail(why))
+                        self.fail_step(n, format!("step {n} ({name}): {e}")).await
                     }
                 }
             }
@@ -639,6 +619,20 @@ impl PlanRun<'_> {
             }
             Err(e) => ToolDecision::Refuse(format!("Rego policy could not decide: {e}")),
         }
+    }
+
+    /// Ends step `n` as failed for good: journaled with `why`, and the task fails with it.
+    async fn fail_step<T>(&mut self, n: u32, why: String) -> Result<T, Stop> {
+        self.finish(
+            n,
+            StepOutcome::Failed,
+            None,
+            None,
+            Usage::default(),
+            Some(&why),
+        )
+        .await?;
+        Err(Stop::Fail(why))
     }
 
     /// Ends tool step `n` without a usable result: `why` is journaled and goes back to the model
