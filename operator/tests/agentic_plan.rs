@@ -879,6 +879,78 @@ async fn a_tool_server_that_cannot_run_fails_the_attempts_and_then_the_task_with
     rt.stop().await;
 }
 
+/// `ci/mcp/misbehave.py MODE` over stdio (the Python SDK's server, misbehaving on purpose).
+fn misbehaving_server(mode: &str) -> McpServer {
+    let script = agentplane_testsupport::repo_root().join("ci/mcp/misbehave.py");
+    server(
+        "bad",
+        python(),
+        vec![script.to_string_lossy().into_owned(), mode.into()],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_garbage_fails_the_task_at_once_and_an_oversized_result_goes_to_the_model()
+ {
+    // Malformed JSON-RPC fails the same way every time: the task fails on the first attempt with
+    // the protocol error (no redelivery, no dead-letter queue), and no model turn runs.
+    let model = ModelServer::start(vec![Scripted::Answer]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(
+        EndpointKind::Openai,
+        &model.base,
+        vec![misbehaving_server("garbage")],
+        vec![tool("bad", "echo", false)],
+    );
+    let (rt, device) = start(dir.path(), p).await;
+    let id = submit(&*rt.store, &device, 1, "list a broken server").await;
+    let t = finished(&*rt.store, &id).await;
+    assert_eq!(t.phase(), TaskPhase::Failed, "{:?}", t.status.reason);
+    let reason = t.status.reason.clone().unwrap();
+    assert!(
+        reason.contains("MCP server bad: tools/list failed") && !reason.contains("dead-letter"),
+        "{reason}"
+    );
+    assert!(model.seen().is_empty(), "no model turn without the tools");
+    rt.stop().await;
+
+    // A result over maxResultBytes (1 MiB by default; the tool sends 2 MB) is an error result for
+    // the model, and the plan goes on to its answer (Anthropic format).
+    let model = ModelServer::start(vec![
+        Scripted::Calls(vec![("bad__huge", json!({"megabytes": 2}))]),
+        Scripted::Answer,
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(
+        EndpointKind::Anthropic,
+        &model.base,
+        vec![misbehaving_server("tools")],
+        vec![tool("bad", "huge", false)],
+    );
+    let (rt, device) = start(dir.path(), p).await;
+    let id = submit(&*rt.store, &device, 1, "ask for too much").await;
+    let t = finished(&*rt.store, &id).await;
+    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+    let step = &t.status.steps[1];
+    assert_eq!(step.outcome, StepOutcome::Failed, "{step:?}");
+    assert!(
+        step.error
+            .as_deref()
+            .unwrap()
+            .contains("over the 1048576-byte limit"),
+        "{step:?}"
+    );
+    assert!(
+        t.status
+            .result
+            .unwrap()
+            .contains("over the 1048576-byte limit"),
+        "the model was not told"
+    );
+    rt.stop().await;
+}
+
 /// Writes an approver's decision on the pending call, as the gateway records it.
 async fn decide(store: &dyn TaskStore, t: &TaskRecord, decision: ApprovalDecision) {
     // Recorded as the gateway records an approver's decision; the controller judges it and copies
