@@ -27,8 +27,8 @@ use agentplane::worker::WorkerConfig;
 use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
 use agentplane_api::policy::{
-    AgentPolicySpec, DEFAULT_REGO_QUERY, EndpointKind, IntentRule, McpServer, ModelTier,
-    RateLimitAction, RegoModule, RegoPolicy, SecretKeyRef, StdioTransport, ToolRule,
+    AgentPolicySpec, DEFAULT_REGO_QUERY, EndpointKind, HttpTransport, IntentRule, McpServer,
+    ModelTier, RateLimitAction, RegoModule, RegoPolicy, SecretKeyRef, StdioTransport, ToolRule,
 };
 use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision, StepKind, StepOutcome};
 use axum::body::Bytes;
@@ -652,6 +652,99 @@ async fn a_three_tool_plan_over_server_everything_succeeds_with_the_results_in_t
             format!("{id}/model/6")
         ]
     );
+    rt.stop().await;
+}
+
+/// Starts server-everything's streamable HTTP transport on a free port.
+async fn http_everything() -> (tokio::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = tokio::process::Command::new(everything())
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return (child, port);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server-everything did not listen on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_tool_plan_over_streamable_http_succeeds_with_the_results_in_the_answer() {
+    // Anthropic wire format; the same server as the stdio plan, reached over streamable HTTP.
+    let (_server, port) = http_everything().await;
+    let model = ModelServer::start(vec![
+        Scripted::Calls(vec![
+            ("everything__get-sum", json!({"a": 20, "b": 22})),
+            ("everything__echo", json!({"message": "over http"})),
+        ]),
+        Scripted::Calls(vec![("everything__echo", json!({"message": "turn two"}))]),
+        Scripted::Answer,
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut everything_http = server("everything", String::new(), vec![]);
+    everything_http.stdio = None;
+    everything_http.http = Some(HttpTransport {
+        url: format!("http://127.0.0.1:{port}/mcp"),
+        headers: vec![],
+    });
+    let p = policy(
+        EndpointKind::Anthropic,
+        &model.base,
+        vec![everything_http],
+        vec![
+            tool("everything", "get-sum", false),
+            tool("everything", "echo", false),
+        ],
+    );
+    let (rt, device) = start(dir.path(), p).await;
+    let id = submit(&*rt.store, &device, 1, "add and echo over http").await;
+    let t = finished(&*rt.store, &id).await;
+    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+    let answer = t.status.result.clone().unwrap();
+    assert!(
+        answer.contains("42") && answer.contains("over http") && answer.contains("turn two"),
+        "{answer}"
+    );
+    let tools: Vec<(&str, StepOutcome)> = t
+        .status
+        .steps
+        .iter()
+        .filter(|s| s.kind == StepKind::Tool)
+        .map(|s| (s.name.as_str(), s.outcome))
+        .collect();
+    assert_eq!(
+        tools,
+        vec![
+            ("everything/get-sum", StepOutcome::Done),
+            ("everything/echo", StepOutcome::Done),
+            ("everything/echo", StepOutcome::Done),
+        ]
+    );
+    // Anthropic's tool_result blocks carried the results back, one per tool_use.
+    let seen = model.seen();
+    assert_eq!(seen.len(), 3);
+    let second = tool_results(&seen[1].2);
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(
+        second[0].contains("42") && second[1].contains("over http"),
+        "{second:?}"
+    );
+    assert_eq!(tool_results(&seen[2].2).len(), 3);
     rt.stop().await;
 }
 
