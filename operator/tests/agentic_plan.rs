@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agentplane::audit::EventKind;
 use agentplane::client::DeviceIdentity;
 use agentplane::runtime::{Embedded, EmbeddedConfig, default_policy};
 use agentplane::store::journal::{SqliteJournal, StepJournal};
@@ -910,6 +911,28 @@ async fn a_rego_policy_decides_each_tool_call_after_the_allow_list() {
             .unwrap()
             .contains("the vault key is read-only"),
         "the model was not told why"
+    );
+    // The refusal is a `decision` leaf in the audit log, naming the step, the Rego digest and why.
+    let log =
+        f.rt.audit
+            .clone()
+            .expect("the embedded runtime keeps an audit log");
+    let mut refusals = Vec::new();
+    for seq in 0..log.size().await.unwrap() {
+        let e = log.leaf(seq).await.unwrap().unwrap().event().unwrap();
+        if e.kind == EventKind::Decision && e.details["step"].is_u64() {
+            refusals.push(e);
+        }
+    }
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    let leaf = &refusals[0];
+    assert_eq!(leaf.task, id);
+    assert_eq!(leaf.details["step"], 2);
+    assert_eq!(leaf.details["tool"], "rec/write_record");
+    let why = leaf.reason.as_deref().unwrap();
+    assert!(
+        why.contains("denied by Rego policy sha256:") && why.contains("read-only"),
+        "{why}"
     );
     f.stop().await;
 }

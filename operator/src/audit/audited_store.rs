@@ -85,6 +85,8 @@ struct Known {
     phase: TaskPhase,
     approval: Option<Approval>,
     held: Option<String>,
+    /// Plan steps the gate refused (each refusal is one `decision` leaf).
+    denied_steps: Vec<u32>,
 }
 
 impl Known {
@@ -94,6 +96,7 @@ impl Known {
             phase: t.phase(),
             approval: t.status.approval.clone(),
             held: super::held_reason(&t.status).map(str::to_owned),
+            denied_steps: super::denied_steps(&t.status).map(|s| s.index).collect(),
         }
     }
 }
@@ -390,6 +393,23 @@ impl AuditedStore {
             e.details = json!({ "decision": "held", "version": version.0 });
             out.push((self.key(&written.id, &format!("@{version}/held")), e));
         }
+        // A tool call the plan's gate refused (allow-list, rate limit, Rego) is a policy decision
+        // too, though the plan goes on: its reason names the rule (a Rego denial its digest).
+        for step in super::denied_steps(status).filter(|s| !prior.denied_steps.contains(&s.index)) {
+            let mut e = self.event(EventKind::Decision, &written.id);
+            e.from = Some(from);
+            e.to = Some(to);
+            e.reason = step.error.clone();
+            e.details = json!({
+                "decision": "denied",
+                "step": step.index,
+                "tool": step.name,
+                "argsDigest": step.args_digest,
+                "version": version.0,
+            });
+            let suffix = format!("@{version}/step/{}", step.index);
+            out.push((self.key(&written.id, &suffix), e));
+        }
         if from != to {
             // Admission control's verdict on a pending task is a policy decision; the rest are moves
             // of the machine (including the ones an approval causes, recorded just above).
@@ -488,6 +508,7 @@ impl TaskStore for AuditedStore {
             phase: TaskPhase::Pending,
             approval: None,
             held: None,
+            denied_steps: Vec::new(),
         });
         let events = self.status_events(&prior, &written);
         if let Some(seq) = self.record(events).await? {

@@ -156,6 +156,16 @@ pub(crate) fn held_reason(status: &AgentTaskStatus) -> Option<&str> {
         .map(|c| c.message.as_str())
 }
 
+/// The plan steps whose tool call the gate refused.
+pub(crate) fn denied_steps(
+    status: &AgentTaskStatus,
+) -> impl Iterator<Item = &agentplane_api::task::PlanStep> {
+    status
+        .steps
+        .iter()
+        .filter(|s| s.outcome == agentplane_api::task::StepOutcome::Denied)
+}
+
 /// Adds the Rego verdict an admission decision was taken with (`details.rego {decision, reasons,
 /// digest}`: what the modules said and which version of them said it), when the policy has Rego.
 pub(crate) fn insert_rego_verdict(
