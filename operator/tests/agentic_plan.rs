@@ -18,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod mcp_peers;
+
 use agentplane::audit::EventKind;
 use agentplane::client::DeviceIdentity;
 use agentplane::runtime::{Embedded, EmbeddedConfig, default_policy};
@@ -36,6 +38,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
+use mcp_peers::{everything, http_everything, python, script};
 use serde_json::{Value, json};
 
 const KEY: &str = "sk-test-plan-0123456789abcdef";
@@ -212,30 +215,6 @@ async fn model_reply(
 // ---------------------------------------------------------------------------------------------
 // Tool servers and the policy.
 
-fn everything() -> String {
-    agentplane_testsupport::peer_path("mcp-everything")
-        .expect("the MCP reference server is a required peer: run ci/peers.sh mcp-everything")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn python() -> String {
-    let entry = agentplane_testsupport::peer_path("mcp-python")
-        .expect("the Python MCP SDK is a required peer: run ci/peers.sh mcp-python");
-    // A cache built by an older ci/peers.sh has the entry as a symlink into the venv: Python finds
-    // its venv only when started by a path inside it, so follow that one link (canonicalizing would
-    // leave the venv for the base interpreter).
-    let entry = match std::fs::read_link(&entry) {
-        Ok(target) => entry.parent().map(|d| d.join(&target)).unwrap_or(target),
-        Err(_) => entry,
-    };
-    entry.to_string_lossy().into_owned()
-}
-
-fn recorder_script() -> PathBuf {
-    agentplane_testsupport::repo_root().join("ci/mcp/recorder.py")
-}
-
 fn server(name: &str, command: String, args: Vec<String>) -> McpServer {
     McpServer {
         name: name.into(),
@@ -255,10 +234,7 @@ fn recorder_server(log: &Path) -> McpServer {
     server(
         "rec",
         python(),
-        vec![
-            recorder_script().to_string_lossy().into_owned(),
-            log.to_string_lossy().into_owned(),
-        ],
+        vec![script("recorder.py"), log.to_string_lossy().into_owned()],
     )
 }
 
@@ -656,33 +632,6 @@ async fn a_three_tool_plan_over_server_everything_succeeds_with_the_results_in_t
     rt.stop().await;
 }
 
-/// Starts server-everything's streamable HTTP transport on a free port.
-async fn http_everything() -> (tokio::process::Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = tokio::process::Command::new(everything())
-        .arg("streamableHttp")
-        .env("PORT", port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return (child, port);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("server-everything did not listen on {port}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_tool_plan_over_streamable_http_succeeds_with_the_results_in_the_answer() {
     // Anthropic wire format; the same server as the stdio plan, reached over streamable HTTP.
@@ -997,12 +946,7 @@ async fn a_tool_server_that_cannot_run_fails_the_attempts_and_then_the_task_with
 
 /// `ci/mcp/misbehave.py MODE` over stdio (the Python SDK's server, misbehaving on purpose).
 fn misbehaving_server(mode: &str) -> McpServer {
-    let script = agentplane_testsupport::repo_root().join("ci/mcp/misbehave.py");
-    server(
-        "bad",
-        python(),
-        vec![script.to_string_lossy().into_owned(), mode.into()],
-    )
+    server("bad", python(), vec![script("misbehave.py"), mode.into()])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,12 +7,14 @@
 //! Elapsed times are asserted against generous bounds (a crash is seen long before the timeout, a
 //! hang ends at the timeout); they are not benchmarks.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+mod mcp_peers;
 
 use agentplane::mcp::{McpError, McpSession};
 use agentplane::secrets::FileSecrets;
 use agentplane_api::policy::{HttpTransport, McpServer, NamedValue, SecretKeyRef, StdioTransport};
+use mcp_peers::{python, script};
 use serde_json::{Map, Value, json};
 
 const SECRET: &str = "s3cret-token-value";
@@ -20,23 +22,6 @@ const SECRET: &str = "s3cret-token-value";
 /// The SDK venv's interpreter. The peer entry is a symlink into the venv (`venv/bin/python`);
 /// Python finds its venv from the path it was started by, so the link is followed one step to a
 /// path inside the venv (following it all the way would leave the venv).
-fn python() -> PathBuf {
-    let entry = agentplane_testsupport::peer_path("mcp-python")
-        .expect("the Python MCP SDK is a required peer: run ci/peers.sh mcp-python");
-    match std::fs::read_link(&entry) {
-        Ok(target) if target.is_relative() => entry.parent().unwrap().join(target),
-        Ok(target) => target,
-        Err(_) => entry,
-    }
-}
-
-fn script() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../ci/mcp/misbehave.py")
-        .to_string_lossy()
-        .into_owned()
-}
-
 fn args(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
 }
@@ -65,8 +50,8 @@ fn stdio_server(name: &str, mode: &str, timeout_s: u32) -> McpServer {
     McpServer {
         name: name.into(),
         stdio: Some(StdioTransport {
-            command: python().to_string_lossy().into_owned(),
-            args: vec![script(), mode.into()],
+            command: python(),
+            args: vec![script("misbehave.py"), mode.into()],
             env: vec![secret_ref("API_TOKEN")],
         }),
         http: None,
@@ -357,7 +342,12 @@ async fn http_misbehave() -> (tokio::process::Child, u16) {
         .unwrap()
         .port();
     let child = tokio::process::Command::new(python())
-        .args([script(), "--http".into(), port.to_string(), "tools".into()])
+        .args([
+            script("misbehave.py"),
+            "--http".into(),
+            port.to_string(),
+            "tools".into(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

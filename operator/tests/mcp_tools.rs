@@ -2,19 +2,13 @@
 //! pinned in ci/peers.sh) over stdio and over streamable HTTP: listing, calls, secrets injected as
 //! env and headers, and the limits (result size, tool count, per-call timeout).
 
-use std::time::Duration;
+mod mcp_peers;
 
 use agentplane::mcp::{McpError, McpSession};
 use agentplane::secrets::FileSecrets;
 use agentplane_api::policy::{HttpTransport, McpServer, NamedValue, SecretKeyRef, StdioTransport};
+use mcp_peers::{everything, http_everything};
 use serde_json::{Map, Value, json};
-
-fn everything() -> String {
-    agentplane_testsupport::peer_path("mcp-everything")
-        .expect("the MCP reference server is a required peer: run ci/peers.sh mcp-everything")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn args(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
@@ -141,33 +135,6 @@ async fn limits_refuse_large_results_long_listings_and_slow_calls() {
         .unwrap();
     assert!(ok.text.contains("still here"), "{}", ok.text);
     session.close().await;
-}
-
-/// Starts the reference server's streamable HTTP transport on a free port.
-async fn http_everything() -> (tokio::process::Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = tokio::process::Command::new(everything())
-        .arg("streamableHttp")
-        .env("PORT", port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return (child, port);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the MCP reference server did not listen on {port}");
 }
 
 #[tokio::test]
