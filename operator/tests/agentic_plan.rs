@@ -5,20 +5,16 @@
 //! `ci/mcp/recorder.py`, a server written with the Python MCP SDK (peer `mcp-python`) that appends
 //! every call it receives, with the idempotency key from `_meta`, to a file the tests read.
 //!
-//! No LLM runs on this machine, so the model endpoint is a scripted HTTP server. It speaks the exact
-//! wire formats of OpenAI chat completions (`tools`, `choices[0].message.tool_calls[]` with arguments
-//! as a JSON string, results as `role: tool` messages) and Anthropic Messages (`tools`, `tool_use`
-//! content blocks, results as `tool_result` blocks in the next user turn); which one a test uses is
-//! chosen by the tier's endpoint kind, and both are used below. Its script picks the reply from the
-//! number of assistant turns in the request, so a model step asked again after a crash gets the same
-//! reply, and its final answer quotes every tool result the request carried back.
+//! No LLM runs on this machine, so the model endpoint is a scripted HTTP server (`scripted_model`)
+//! that speaks the exact wire formats of OpenAI chat completions and Anthropic Messages tool calls;
+//! which one a test uses is chosen by the tier's endpoint kind, and both are used below.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod mcp_peers;
+mod scripted_model;
 
 use agentplane::audit::EventKind;
 use agentplane::client::DeviceIdentity;
@@ -31,221 +27,21 @@ use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
 use agentplane_api::policy::{
     AgentPolicySpec, DEFAULT_REGO_QUERY, EndpointKind, HttpTransport, IntentRule, McpServer,
-    ModelTier, RateLimitAction, RegoModule, RegoPolicy, SecretKeyRef, StdioTransport, ToolRule,
+    ModelTier, RateLimitAction, RegoModule, RegoPolicy, SecretKeyRef, ToolRule,
 };
 use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision, StepKind, StepOutcome};
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Uri};
-use axum::response::{IntoResponse, Response};
-use mcp_peers::{everything, http_everything, python, script};
+use mcp_peers::{
+    everything, http_everything, python, recorded, recorder_server, script, server, tool,
+    wait_for_calls,
+};
+use scripted_model::{ModelServer, Scripted, tool_results};
 use serde_json::{Value, json};
 
 const KEY: &str = "sk-test-plan-0123456789abcdef";
 const INTENT: &str = "agent";
 
 // ---------------------------------------------------------------------------------------------
-// The scripted model endpoint.
-
-/// One scripted model turn.
-#[derive(Clone, Debug)]
-enum Scripted {
-    /// Ask for these tool calls (model-facing name `server__tool`, arguments).
-    Calls(Vec<(&'static str, Value)>),
-    /// Answer, quoting every tool result in the request.
-    Answer,
-}
-
-#[derive(Default)]
-struct ModelState {
-    script: Vec<Scripted>,
-    /// Requests received: (path, idempotency key, body).
-    seen: Vec<(String, String, Value)>,
-    /// Turn index whose reply is held back until `release` is signalled.
-    hold: Option<usize>,
-}
-
-#[derive(Clone)]
-struct ModelServer {
-    state: Arc<Mutex<ModelState>>,
-    release: Arc<tokio::sync::watch::Sender<bool>>,
-    base: String,
-}
-
-impl ModelServer {
-    async fn start(script: Vec<Scripted>) -> ModelServer {
-        let (release, _) = tokio::sync::watch::channel(false);
-        let mut server = ModelServer {
-            state: Arc::new(Mutex::new(ModelState {
-                script,
-                ..Default::default()
-            })),
-            release: Arc::new(release),
-            base: String::new(),
-        };
-        let app = axum::Router::new()
-            .fallback(model_reply)
-            .with_state(server.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        server.base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        server
-    }
-
-    fn seen(&self) -> Vec<(String, String, Value)> {
-        self.state.lock().unwrap().seen.clone()
-    }
-
-    /// Requests for turn `turn` (0-based) seen so far.
-    fn asked_for_turn(&self, turn: usize) -> usize {
-        self.seen()
-            .iter()
-            .filter(|(_, _, body)| assistant_turns(body) == turn)
-            .count()
-    }
-}
-
-fn assistant_turns(body: &Value) -> usize {
-    body["messages"]
-        .as_array()
-        .map(|m| m.iter().filter(|m| m["role"] == "assistant").count())
-        .unwrap_or(0)
-}
-
-/// Every tool result the request carries back, in order, in either format.
-fn tool_results(body: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    for m in body["messages"].as_array().into_iter().flatten() {
-        if m["role"] == "tool" {
-            out.push(m["content"].as_str().unwrap_or("").to_owned());
-        }
-        for block in m["content"].as_array().into_iter().flatten() {
-            if block["type"] == "tool_result" {
-                out.push(block["content"].as_str().unwrap_or("").to_owned());
-            }
-        }
-    }
-    out
-}
-
-async fn model_reply(
-    State(server): State<ModelServer>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let path = uri.path().to_owned();
-    let turn = assistant_turns(&body);
-    let (scripted, hold) = {
-        let mut s = server.state.lock().unwrap();
-        s.seen.push((path.clone(), key, body.clone()));
-        let scripted = s
-            .script
-            .get(turn)
-            .or(s.script.last())
-            .cloned()
-            .unwrap_or(Scripted::Answer);
-        (scripted, s.hold == Some(turn))
-    };
-    if hold {
-        let mut released = server.release.subscribe();
-        let _ = released.wait_for(|r| *r).await;
-    }
-    let anthropic = path.ends_with("/messages");
-    match scripted {
-        Scripted::Answer => {
-            let text = format!("results: {}", tool_results(&body).join(" | "));
-            if anthropic {
-                axum::Json(
-                    json!({"id": format!("msg_{turn}"), "type": "message", "role": "assistant",
-                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
-                    "usage": {"input_tokens": 10, "output_tokens": 5}}),
-                )
-                .into_response()
-            } else {
-                axum::Json(
-                    json!({"id": format!("chatcmpl-{turn}"), "object": "chat.completion",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}),
-                )
-                .into_response()
-            }
-        }
-        Scripted::Calls(calls) => {
-            if anthropic {
-                let blocks: Vec<Value> = calls
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (name, args))| {
-                        json!({"type": "tool_use", "id": format!("toolu_{turn}_{i}"), "name": name, "input": args})
-                    })
-                    .collect();
-                axum::Json(
-                    json!({"id": format!("msg_{turn}"), "type": "message", "role": "assistant",
-                    "content": blocks, "stop_reason": "tool_use",
-                    "usage": {"input_tokens": 10, "output_tokens": 5}}),
-                )
-                .into_response()
-            } else {
-                let tool_calls: Vec<Value> = calls
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (name, args))| {
-                        json!({"id": format!("call_{turn}_{i}"), "type": "function",
-                               "function": {"name": name, "arguments": args.to_string()}})
-                    })
-                    .collect();
-                axum::Json(json!({"id": format!("chatcmpl-{turn}"), "object": "chat.completion",
-                    "choices": [{"index": 0, "finish_reason": "tool_calls",
-                                 "message": {"role": "assistant", "content": null, "tool_calls": tool_calls}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
-                .into_response()
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Tool servers and the policy.
-
-fn server(name: &str, command: String, args: Vec<String>) -> McpServer {
-    McpServer {
-        name: name.into(),
-        stdio: Some(StdioTransport {
-            command,
-            args,
-            env: vec![],
-        }),
-        http: None,
-        call_timeout_seconds: 30,
-        max_result_bytes: 1 << 20,
-        max_tools: 256,
-    }
-}
-
-fn recorder_server(log: &Path) -> McpServer {
-    server(
-        "rec",
-        python(),
-        vec![script("recorder.py"), log.to_string_lossy().into_owned()],
-    )
-}
-
-fn tool(server: &str, name: &str, requires_approval: bool) -> ToolRule {
-    ToolRule {
-        server: server.into(),
-        name: name.into(),
-        requires_approval,
-        rate_limits: vec![],
-    }
-}
 
 fn policy(
     kind: EndpointKind,
@@ -280,33 +76,6 @@ fn policy(
     });
     p.mcp_servers = servers;
     p
-}
-
-/// One recorded call.
-#[derive(Debug, Clone)]
-struct Call {
-    tool: String,
-    arguments: Value,
-    key: String,
-    duplicate: bool,
-}
-
-fn recorded(log: &Path) -> Vec<Call> {
-    let Ok(text) = std::fs::read_to_string(log) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            Call {
-                tool: v["tool"].as_str().unwrap().to_owned(),
-                arguments: v["arguments"].clone(),
-                key: v["idempotencyKey"].as_str().unwrap_or("").to_owned(),
-                duplicate: v["duplicate"].as_bool().unwrap(),
-            }
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -400,18 +169,6 @@ async fn finished(store: &dyn TaskStore, id: &str) -> TaskRecord {
         t.phase().is_terminal()
     })
     .await
-}
-
-/// Waits for the recorder to have seen `n` calls.
-async fn wait_for_calls(log: &Path, n: usize) -> Vec<Call> {
-    for _ in 0..600 {
-        let calls = recorded(log);
-        if calls.len() >= n {
-            return calls;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the recorder saw {:?}, not {n} calls", recorded(log));
 }
 
 /// A runtime whose policy offers recorder tools to the `agent` intent, with a scripted model.

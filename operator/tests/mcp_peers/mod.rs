@@ -3,7 +3,11 @@
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::Duration;
+
+use agentplane_api::policy::{McpServer, StdioTransport, ToolRule};
+use serde_json::Value;
 
 /// The reference server's command.
 pub fn everything() -> String {
@@ -55,4 +59,79 @@ pub fn script(name: &str) -> String {
         .join(name)
         .to_string_lossy()
         .into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy pieces and the recorder's log (`ci/mcp/recorder.py`).
+
+/// A stdio MCP server entry for the policy.
+pub fn server(name: &str, command: String, args: Vec<String>) -> McpServer {
+    McpServer {
+        name: name.into(),
+        stdio: Some(StdioTransport {
+            command,
+            args,
+            env: vec![],
+        }),
+        http: None,
+        call_timeout_seconds: 30,
+        max_result_bytes: 1 << 20,
+        max_tools: 256,
+    }
+}
+
+pub fn recorder_server(log: &Path) -> McpServer {
+    server(
+        "rec",
+        python(),
+        vec![script("recorder.py"), log.to_string_lossy().into_owned()],
+    )
+}
+
+pub fn tool(server: &str, name: &str, requires_approval: bool) -> ToolRule {
+    ToolRule {
+        server: server.into(),
+        name: name.into(),
+        requires_approval,
+        rate_limits: vec![],
+    }
+}
+
+/// One recorded call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub tool: String,
+    pub arguments: Value,
+    pub key: String,
+    pub duplicate: bool,
+}
+
+pub fn recorded(log: &Path) -> Vec<Call> {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            Call {
+                tool: v["tool"].as_str().unwrap().to_owned(),
+                arguments: v["arguments"].clone(),
+                key: v["idempotencyKey"].as_str().unwrap_or("").to_owned(),
+                duplicate: v["duplicate"].as_bool().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Waits for the recorder to have seen `n` calls.
+pub async fn wait_for_calls(log: &Path, n: usize) -> Vec<Call> {
+    for _ in 0..600 {
+        let calls = recorded(log);
+        if calls.len() >= n {
+            return calls;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the recorder saw {:?}, not {n} calls", recorded(log));
 }
