@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod intent;
 pub mod phase;
 pub mod policy;
+pub mod step;
 pub mod task;
 pub mod wire;
 
@@ -18,6 +19,7 @@ pub use envelope::{
 pub use intent::{Consent, Intent, IntentPayload, PrivacyLevel, RequiredResources};
 pub use phase::TaskPhase;
 pub use policy::{AgentPolicy, AgentPolicySpec};
+pub use step::{AgentTaskStep, AgentTaskStepSpec};
 pub use task::{AgentTask, AgentTaskSpec, AgentTaskStatus};
 
 /// The API group of every agentplane CRD.
@@ -35,5 +37,6 @@ pub fn crds()
         EdgeDevice::crd(),
         AgentPolicy::crd(),
         AgentApproval::crd(),
+        AgentTaskStep::crd(),
     ]
 }

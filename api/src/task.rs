@@ -280,7 +280,7 @@ fn canonical(value: &serde_json::Value) -> serde_json::Value {
 }
 
 /// A JSON object of any shape, kept verbatim by the API server.
-fn free_json_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn free_json_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,

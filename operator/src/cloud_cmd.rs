@@ -21,10 +21,12 @@ use agentplane::policy::rego::{KubeConfigMaps, RegoPolicies};
 use agentplane::queue::DynQueue;
 use agentplane::queue::sqs::SqsQueue;
 use agentplane::runtime::{audit_origin, close_audit_log};
+use agentplane::store::kube_journal::KubeJournal;
 use agentplane::store::kubernetes::KubeStore;
 use agentplane::store::{DynStore, TaskStore, hash_secret};
 use agentplane::telemetry;
 use agentplane::worker::one_task::{self, OneTaskQueue};
+use agentplane::worker::plan::PlanSupport;
 use agentplane::worker::{Handled, Worker, WorkerConfig};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
@@ -426,12 +428,26 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             args.common.aws_endpoint_url.clone(),
         )
         .await;
-        let models = crate::cloud_models::models(
-            client,
+        let secrets = crate::cloud_models::secrets(
+            client.clone(),
             &args.common.namespace,
             &aws,
             args.kms_key_id.clone(),
-        )?;
+        );
+        let models = crate::cloud_models::models(secrets.clone())?;
+        // Plans journal each step as an AgentTaskStep; MCP servers' secrets come from the same
+        // KMS-sealed Secrets as model keys; Rego modules may live in ConfigMaps.
+        let mut plans = PlanSupport::new(
+            Some(Arc::new(KubeJournal::new(
+                client.clone(),
+                &args.common.namespace,
+            ))),
+            Some(secrets),
+        );
+        plans.rego = RegoPolicies::new(Some(Arc::new(KubeConfigMaps::new(
+            client,
+            &args.common.namespace,
+        ))));
         let metrics = Arc::new(Metrics::default());
         let store: DynStore = store;
         let worker = Arc::new(Worker {
@@ -447,8 +463,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 call_timeout: Duration::from_secs(args.model_timeout_secs.max(1)),
                 ..WorkerConfig::default()
             },
-            // No step journal on this backend yet: tasks whose intents allow tools fail, saying so.
-            plans: agentplane::worker::plan::PlanSupport::default(),
+            plans,
         });
         if let Some((namespace, name)) = &args.task {
             return run_one_task(&worker, namespace, name).await;

@@ -26,15 +26,17 @@ use agentplane::worker::WorkerConfig;
 use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
 use agentplane_api::policy::{
-    AgentPolicySpec, DEFAULT_REGO_QUERY, EndpointKind, HttpTransport, IntentRule, McpServer,
-    ModelTier, RateLimitAction, RegoModule, RegoPolicy, SecretKeyRef, ToolRule,
+    AgentPolicySpec, DEFAULT_REGO_QUERY, EndpointKind, HttpTransport, McpServer, RegoModule,
+    RegoPolicy, ToolRule,
 };
 use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision, StepKind, StepOutcome};
 use mcp_peers::{
     everything, http_everything, python, recorded, recorder_server, script, server, tool,
     wait_for_calls,
 };
-use scripted_model::{ModelServer, Scripted, tool_results};
+use scripted_model::{
+    ModelServer, Scripted, assert_three_records_once, plan_policy, three_records, tool_results,
+};
 use serde_json::{Value, json};
 
 const KEY: &str = "sk-test-plan-0123456789abcdef";
@@ -49,33 +51,7 @@ fn policy(
     servers: Vec<McpServer>,
     tools: Vec<ToolRule>,
 ) -> AgentPolicySpec {
-    let mut p = default_policy();
-    p.models = vec![ModelTier {
-        name: "scripted".into(),
-        endpoint_kind: kind,
-        endpoint: format!("{base}/v1"),
-        model: Some("plan-model".into()),
-        price_per_1k_input_micros: 1000,
-        price_per_1k_output_micros: 2000,
-        privacy_levels: vec![],
-        gpu: false,
-        secret_ref: Some(SecretKeyRef {
-            name: "model".into(),
-            key: "api-key".into(),
-        }),
-    }];
-    p.intents.push(IntentRule {
-        kind: INTENT.into(),
-        allowed: true,
-        requires_approval: false,
-        privacy_levels: vec![],
-        rate_limits: vec![],
-        on_rate_limit: RateLimitAction::Deny,
-        tools,
-        max_steps: None,
-    });
-    p.mcp_servers = servers;
-    p
+    plan_policy(default_policy(), INTENT, kind, base, servers, tools)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,44 +230,6 @@ impl Fixture {
         );
         (f, parked)
     }
-}
-
-/// Three writes, one per turn, then the answer.
-fn three_records() -> Vec<Scripted> {
-    let write = |k: &str, v: &str| {
-        Scripted::Calls(vec![("rec__write_record", json!({"key": k, "value": v}))])
-    };
-    vec![
-        write("a", "1"),
-        write("b", "2"),
-        write("c", "3"),
-        Scripted::Answer,
-    ]
-}
-
-/// The three-record plan succeeded with every result in its answer, and the recorder saw each
-/// write exactly once, under its step's key.
-fn assert_three_records_once(t: &TaskRecord, log: &Path) {
-    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
-    assert_eq!(
-        t.status.result.as_deref(),
-        Some("results: stored a=1 | stored b=2 | stored c=3")
-    );
-    let got: Vec<(String, String, bool)> = recorded(log)
-        .into_iter()
-        .map(|c| {
-            (
-                c.arguments["key"].as_str().unwrap().to_owned(),
-                c.key,
-                c.duplicate,
-            )
-        })
-        .collect();
-    let want: Vec<(String, String, bool)> = [("a", 2), ("b", 4), ("c", 6)]
-        .iter()
-        .map(|(k, step)| (k.to_string(), format!("{}/tool/{step}", t.id), false))
-        .collect();
-    assert_eq!(got, want, "each call exactly once");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -186,6 +186,23 @@ async fn only_the_gateway_records_decisions_and_the_operator_writes_status() {
         assert!(!can(operator.clone(), verb, "agentapprovals", None).await);
     }
     assert!(can(operator.clone(), "patch", "agenttasks", Some("status")).await);
+    // The plan journal: workers begin and finish steps and never delete one; the gateway and the
+    // operator have no verb on them.
+    for verb in ["create", "get", "list", "update"] {
+        assert!(
+            can(worker.clone(), verb, "agenttasksteps", None).await,
+            "worker may not {verb} agenttasksteps"
+        );
+    }
+    assert!(!can(worker.clone(), "delete", "agenttasksteps", None).await);
+    for who in [gateway.clone(), operator.clone()] {
+        for verb in ["create", "update", "patch", "delete", "get"] {
+            assert!(
+                !can(who.clone(), verb, "agenttasksteps", None).await,
+                "{who} may {verb} agenttasksteps"
+            );
+        }
+    }
     // A control: the authorizer does say no to a ServiceAccount no Role names.
     assert!(!can("nobody".into(), "patch", "agenttasks", Some("status")).await);
 

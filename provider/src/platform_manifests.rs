@@ -517,6 +517,13 @@ pub fn rules(s: &PlatformSpec, component: &str) -> Vec<Json> {
                 rule(AP, &["agenttasks"], &["get", "list", "watch"]),
                 rule(AP, &["agenttasks/status"], &["get", "patch", "update"]),
                 rule(AP, &["agentpolicies"], &["get", "list", "watch"]),
+                // The plan journal: one AgentTaskStep per step, never deleted by a worker (the
+                // garbage collector removes them with their task).
+                rule(
+                    AP,
+                    &["agenttasksteps"],
+                    &["create", "get", "list", "update"],
+                ),
             ];
             r.extend(events);
             if !s.worker_secret_names.is_empty() {

@@ -12,7 +12,8 @@
 //! runs it again with the same idempotency key (task id + step, sent to the MCP server in
 //! `_meta`), so a server that deduplicates by key applies it once; a model step is simply asked
 //! again. The embedded implementation is a table in the store's SQLite database (same WAL file,
-//! so it is as durable as the task itself).
+//! so it is as durable as the task itself); the distributed one is an `AgentTaskStep` object per
+//! step (`store::kube_journal`).
 
 use agentplane_api::task::{PlanStep, StepKind, StepOutcome};
 use async_trait::async_trait;
@@ -117,6 +118,10 @@ pub trait StepJournal: Send + Sync + 'static {
     async fn await_approval(&self, task_id: &str, step: u32) -> Result<(), StoreError>;
     /// Every step of a task, in order.
     async fn steps(&self, task_id: &str) -> Result<Vec<JournalEntry>, StoreError>;
+    /// The largest tool result this journal holds for one step, if it has a bound of its own.
+    fn max_text_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 const SCHEMA: &str = "

@@ -106,7 +106,7 @@ impl Drop for KubeStore {
 }
 
 /// Maps an API error to the store's error for a record of `kind` named `id`.
-fn api_error(kind: &'static str, id: &str, e: kube::Error) -> StoreError {
+pub(super) fn api_error(kind: &'static str, id: &str, e: kube::Error) -> StoreError {
     match &e {
         kube::Error::Api(s) if s.is_not_found() => StoreError::NotFound {
             kind,

@@ -11,6 +11,7 @@
 //! - [`TaskStore::changes`] is the watch: a best-effort wake-up signal, never the source of truth.
 
 pub mod journal;
+pub mod kube_journal;
 pub mod kubernetes;
 pub mod seq_window;
 pub mod sqlite;

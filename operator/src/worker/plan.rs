@@ -49,8 +49,8 @@ const MAX_STEP_NAME: usize = 200;
 /// Longest error text kept on a step (the schema's limit).
 const MAX_STEP_ERROR: usize = 1024;
 
-/// What a worker needs to run plans. `Default` is a worker without a step journal: it runs tasks
-/// whose intents allow no tools as before and fails those that do, saying why.
+/// What a worker needs to run plans. `Default` is a worker without a step journal (a test's bare
+/// worker): it runs tasks whose intents allow no tools as before and fails those that do, saying why.
 #[derive(Default)]
 pub struct PlanSupport {
     /// Where steps are journaled; `None` when this backend has no journal.
@@ -156,8 +156,8 @@ impl Worker {
         prompt: Prompt,
     ) -> Result<Handled, WorkerError> {
         let Some(journal) = self.plans.journal.clone() else {
-            let reason = "intent allows tools, but this worker has no step journal to run plans \
-                          with (not built for this backend yet)";
+            let reason = "intent allows tools, but this worker was built without a step journal \
+                          to run plans with";
             return self.fail(d, &running, reason).await;
         };
         let stop = CancellationToken::new();
@@ -322,11 +322,16 @@ impl PlanRun<'_> {
         servers.sort_unstable();
         servers.dedup();
         for name in servers {
-            let Some(server) = self.policy.mcp_server(name).cloned() else {
+            let Some(mut server) = self.policy.mcp_server(name).cloned() else {
                 // The gate refuses calls to it; nothing to offer.
                 tracing::warn!(task = %self.task.id, server = name, "allow-list names an undeclared MCP server");
                 continue;
             };
+            // A result is journaled before the model sees it, so one the journal cannot hold is
+            // treated as one over the server's own bound: the model is told, nothing is lost.
+            if let Some(cap) = self.journal.max_text_bytes() {
+                server.max_result_bytes = server.max_result_bytes.min(cap as u64);
+            }
             let session = McpSession::connect(&server, self.worker.plans.secrets.as_deref())
                 .await
                 .map_err(mcp_stop)?;

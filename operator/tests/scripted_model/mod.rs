@@ -8,8 +8,15 @@
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use agentplane::store::TaskRecord;
+use agentplane_api::TaskPhase;
+use agentplane_api::policy::{
+    AgentPolicySpec, EndpointKind, IntentRule, McpServer, ModelTier, RateLimitAction, SecretKeyRef,
+    ToolRule,
+};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
@@ -180,4 +187,83 @@ pub async fn model_reply(
             }
         }
     }
+}
+
+/// `base` policy made to run `intent` as a plan: its one model tier is the scripted model at `base_url`
+/// (wire format by `kind`, API key in the secret `model`/`api-key`), the intent's rule allows `tools`
+/// of `servers`.
+pub fn plan_policy(
+    mut base: AgentPolicySpec,
+    intent: &str,
+    kind: EndpointKind,
+    base_url: &str,
+    servers: Vec<McpServer>,
+    tools: Vec<ToolRule>,
+) -> AgentPolicySpec {
+    base.models = vec![ModelTier {
+        name: "scripted".into(),
+        endpoint_kind: kind,
+        endpoint: format!("{base_url}/v1"),
+        model: Some("plan-model".into()),
+        price_per_1k_input_micros: 1000,
+        price_per_1k_output_micros: 2000,
+        privacy_levels: vec![],
+        gpu: false,
+        secret_ref: Some(SecretKeyRef {
+            name: "model".into(),
+            key: "api-key".into(),
+        }),
+    }];
+    base.intents.push(IntentRule {
+        kind: intent.into(),
+        allowed: true,
+        requires_approval: false,
+        privacy_levels: vec![],
+        rate_limits: vec![],
+        on_rate_limit: RateLimitAction::Deny,
+        tools,
+        max_steps: None,
+    });
+    base.mcp_servers = servers;
+    base
+}
+
+// The recorder plan both runtimes' tests run (needs the crate's `mcp_peers` module too).
+
+/// Three writes, one per turn, then the answer.
+pub fn three_records() -> Vec<Scripted> {
+    let write = |k: &str, v: &str| {
+        Scripted::Calls(vec![("rec__write_record", json!({"key": k, "value": v}))])
+    };
+    vec![
+        write("a", "1"),
+        write("b", "2"),
+        write("c", "3"),
+        Scripted::Answer,
+    ]
+}
+
+/// The three-record plan succeeded with every result in its answer, and the recorder saw each
+/// write exactly once, under its step's key.
+pub fn assert_three_records_once(t: &TaskRecord, log: &Path) {
+    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+    assert_eq!(
+        t.status.result.as_deref(),
+        Some("results: stored a=1 | stored b=2 | stored c=3")
+    );
+    let got: Vec<(String, String, bool)> = crate::mcp_peers::recorded(log)
+        .into_iter()
+        .map(|c| {
+            (
+                c.arguments["key"].as_str().unwrap().to_owned(),
+                c.key,
+                c.duplicate,
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, bool)> = [("a", 2), ("b", 4), ("c", 6)]
+        .iter()
+        .map(|(k, step)| (k.to_string(), format!("{}/tool/{step}", t.id), false))
+        .collect();
+    assert_eq!(got, want, "each call exactly once, under its step key");
 }

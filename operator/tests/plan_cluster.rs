@@ -1,0 +1,448 @@
+//! Plans in the distributed runtime: the step journal as `AgentTaskStep` objects on a real
+//! kube-apiserver + etcd, and the `agentplane operator` and `worker` binaries running a plan over a
+//! real MCP server (`ci/mcp/recorder.py` on the Python MCP SDK, which records every call it
+//! receives with its idempotency key) against the scripted model (`scripted_model`: no LLM runs
+//! here; it speaks the exact OpenAI chat-completions tool-call format). The model's API key is a
+//! KMS-sealed Secret (moto KMS), read by the worker as in production.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+mod cluster;
+mod mcp_peers;
+mod scripted_model;
+
+use agentplane::secrets::KubeKmsSecrets;
+use agentplane::store::TaskStore;
+use agentplane::store::journal::{Begun, JournalEntry, StepEnd, StepJournal};
+use agentplane::store::kube_journal::KubeJournal;
+use agentplane_api::TaskPhase;
+use agentplane_api::policy::{EndpointKind, SecretKeyRef, ToolRule};
+use agentplane_api::step::{AgentTaskStep, MAX_STEP_TEXT_BYTES, step_object_name};
+use agentplane_api::task::{Approval, ApprovalDecision, StepKind, StepOutcome};
+use cluster::{APPROVER, Cluster};
+use kube::api::{Api, ListParams, PostParams};
+use mcp_peers::{recorded, recorder_server, tool, wait_for_calls};
+use scripted_model::{
+    ModelServer, Scripted, assert_three_records_once, plan_policy, three_records,
+};
+use serde_json::json;
+
+const INTENT: &str = "agent";
+const MODEL_KEY: &str = "sk-cluster-plan-0123456789abcdef";
+
+fn steps_api(c: &Cluster) -> Api<AgentTaskStep> {
+    Api::namespaced(c.client.clone(), &c.namespace)
+}
+
+/// Seals the scripted model's key into the namespace's Secret `model` under a fresh moto KMS key.
+async fn seal_model_key(c: &Cluster) {
+    let kms = aws_sdk_kms::Client::new(&c.stack.aws_sdk_config().await);
+    let key_id = kms
+        .create_key()
+        .description("agentplane plan_cluster test")
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    KubeKmsSecrets::new(c.client.clone(), &c.namespace, kms)
+        .put(
+            &key_id,
+            &SecretKeyRef {
+                name: "model".into(),
+                key: "api-key".into(),
+            },
+            MODEL_KEY.as_bytes(),
+        )
+        .await
+        .unwrap();
+}
+
+/// A cluster with the plan policy, the sealed model key and a registered device; no components yet.
+struct Fixture {
+    c: Cluster,
+    model: ModelServer,
+    log: PathBuf,
+    device: agentplane::client::DeviceIdentity,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new(name: &str, script: Vec<Scripted>, tools: Vec<ToolRule>) -> Fixture {
+        let c = Cluster::new(name).await;
+        let model = ModelServer::start(script).await;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("calls.jsonl");
+        c.store
+            .put_policy(plan_policy(
+                cluster::policy(),
+                INTENT,
+                EndpointKind::Openai,
+                &model.base,
+                vec![recorder_server(&log)],
+                tools,
+            ))
+            .await
+            .unwrap();
+        seal_model_key(&c).await;
+        let device = c.device("kiosk-1").await;
+        Fixture {
+            c,
+            model,
+            log,
+            device,
+            _dir: dir,
+        }
+    }
+
+    async fn submit(&self, seq: u64, prompt: &str) -> String {
+        self.c
+            .admit(&self.device, &self.device.intent(seq, INTENT, prompt))
+            .await
+    }
+
+    async fn step_objects(&self, task: &str) -> Vec<AgentTaskStep> {
+        let mut items = steps_api(&self.c)
+            .list(&ListParams::default().labels(&format!("agentplane.dev/task={task}")))
+            .await
+            .unwrap()
+            .items;
+        items.sort_by_key(|s| s.spec.step);
+        items
+    }
+}
+
+fn entry(task: &str, step: u32, kind: StepKind) -> JournalEntry {
+    let mut e = JournalEntry::start(task, step, kind, "rec/write_record");
+    if kind == StepKind::Tool {
+        e.payload = json!({"arguments": {"key": "a"}});
+        e.call_id = Some(format!("call_{step}"));
+        e.args_digest = Some("sha256:00".into());
+    }
+    e
+}
+
+fn done(result: &str) -> StepEnd {
+    StepEnd {
+        outcome: StepOutcome::Done,
+        payload: None,
+        result: Some(result.into()),
+        input_tokens: 3,
+        output_tokens: 4,
+        cost_micros: 5,
+        error: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_step_journal_begins_once_finishes_once_and_the_api_server_keeps_finished_steps_final()
+ {
+    let c = Cluster::new("journal").await;
+    let d = c.device("kiosk-1").await;
+    let task = c.admit(&d, &d.intent(1, "summarize", "journal me")).await;
+    let journal = KubeJournal::new(c.client.clone(), &c.namespace);
+
+    // Begin: once. A second begin reads the first row back, arguments and all.
+    assert_eq!(
+        journal
+            .begin(&entry(&task, 1, StepKind::Tool))
+            .await
+            .unwrap(),
+        Begun::Started
+    );
+    let Begun::Existing(again) = journal
+        .begin(&entry(&task, 1, StepKind::Tool))
+        .await
+        .unwrap()
+    else {
+        panic!("a second begin must find the first");
+    };
+    assert_eq!(again.outcome, StepOutcome::Pending);
+    assert_eq!(again.payload, json!({"arguments": {"key": "a"}}));
+    assert_eq!(again.call_id.as_deref(), Some("call_1"));
+
+    // Eight attempts racing to begin step 2: the API server lets exactly one create it.
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let j = KubeJournal::new(c.client.clone(), &c.namespace);
+            let e = entry(&task, 2, StepKind::Model);
+            tokio::spawn(async move { j.begin(&e).await.unwrap() })
+        })
+        .collect();
+    let mut started = 0;
+    for r in racers {
+        if r.await.unwrap() == Begun::Started {
+            started += 1;
+        }
+    }
+    assert_eq!(started, 1, "exactly one racer begins the step");
+
+    // Finish: once; a second finish changes nothing.
+    assert!(journal.finish(&task, 1, done("stored a")).await.unwrap());
+    assert!(!journal.finish(&task, 1, done("other")).await.unwrap());
+    // Approval parking and finishing after it.
+    journal.await_approval(&task, 2).await.unwrap();
+    journal.await_approval(&task, 2).await.unwrap();
+    let steps = journal.steps(&task).await.unwrap();
+    assert_eq!(
+        steps
+            .iter()
+            .map(|s| (s.step, s.outcome))
+            .collect::<Vec<_>>(),
+        vec![(1, StepOutcome::Done), (2, StepOutcome::AwaitingApproval)]
+    );
+    assert_eq!(steps[0].result.as_deref(), Some("stored a"));
+    assert_eq!(steps[0].cost_micros, 5);
+    assert!(steps[0].finished_at.is_some());
+    assert!(journal.finish(&task, 2, done("approved")).await.unwrap());
+
+    // The object is owned by its task, so the garbage collector removes it with the task.
+    let api = steps_api(&c);
+    let obj = api.get(&step_object_name(&task, 1)).await.unwrap();
+    let tasks: Api<agentplane_api::AgentTask> = Api::namespaced(c.client.clone(), &c.namespace);
+    let owner = &obj.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("AgentTask", task.as_str())
+    );
+    assert_eq!(
+        Some(&owner.uid),
+        tasks.get(&task).await.unwrap().metadata.uid.as_ref()
+    );
+
+    // A writer that ignores the journal's rules cannot change a finished step: the CRD's
+    // transition rule refuses it at the API server.
+    let mut edited = obj.clone();
+    edited.spec.result = Some("rewritten".into());
+    let err = api
+        .replace(
+            &edited.metadata.name.clone().unwrap(),
+            &PostParams::default(),
+            &edited,
+        )
+        .await
+        .expect_err("a finished step is final");
+    assert!(
+        err.to_string().contains("a finished step never changes"),
+        "{err}"
+    );
+    // Nor move a step's identity, even while it is pending.
+    journal
+        .begin(&entry(&task, 3, StepKind::Tool))
+        .await
+        .unwrap();
+    let mut moved = api.get(&step_object_name(&task, 3)).await.unwrap();
+    moved.spec.step = 4;
+    let err = api
+        .replace(&step_object_name(&task, 3), &PostParams::default(), &moved)
+        .await
+        .expect_err("a step's identity is fixed");
+    assert!(err.to_string().contains("fixed at creation"), "{err}");
+
+    // A step whose texts would not fit one object is refused with the reason, before any write.
+    let mut big = entry(&task, 5, StepKind::Tool);
+    big.payload = json!({"arguments": {"blob": "x".repeat(MAX_STEP_TEXT_BYTES + 1)}});
+    let err = journal
+        .begin(&big)
+        .await
+        .expect_err("too large for one step object");
+    assert!(err.to_string().contains("one step object holds"), "{err}");
+    assert!(
+        api.get_opt(&step_object_name(&task, 5))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Finishing a step never begun is an error naming it, not a silent success.
+    let err = journal
+        .finish(&task, 9, done("x"))
+        .await
+        .expect_err("step 9 was never begun");
+    assert!(
+        err.to_string().contains(&step_object_name(&task, 9)),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_on_the_distributed_worker_survives_a_sigkill_after_step_two_and_repeats_no_tool_call()
+ {
+    let f = Fixture::new(
+        "plan-kill",
+        three_records(),
+        vec![tool("rec", "write_record", false)],
+    )
+    .await;
+    // Hold the model's third turn (step 5): by then step 4's write has happened.
+    f.model.state.lock().unwrap().hold = Some(2);
+    let _operator = f.c.operator("op-plan");
+    let worker = f.c.worker("worker-plan-1");
+    let id = f.submit(1, "write three records").await;
+
+    let calls = wait_for_calls(&f.log, 2).await;
+    assert_eq!(calls.len(), 2);
+    // Wait until the held turn was asked: the worker is inside step 5.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while f.model.asked_for_turn(2) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never asked for turn 3\n{}",
+            f.c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let journaled: Vec<_> = f
+        .step_objects(&id)
+        .await
+        .iter()
+        .map(|s| (s.spec.step, s.spec.outcome))
+        .collect();
+    assert_eq!(
+        journaled,
+        vec![
+            (1, StepOutcome::Done),
+            (2, StepOutcome::Done),
+            (3, StepOutcome::Done),
+            (4, StepOutcome::Done),
+            (5, StepOutcome::Pending),
+        ],
+        "steps 1-4 journaled as done and step 5 begun before the kill"
+    );
+    worker.kill().await;
+    f.model.release.send_replace(true);
+
+    // A fresh worker takes the redelivered message and resumes at step 5.
+    let _worker = f.c.worker("worker-plan-2");
+    let t = f.c.wait_terminal(&id).await;
+    assert_eq!(
+        t.phase(),
+        TaskPhase::Succeeded,
+        "{:?}\n{}",
+        t.status.reason,
+        f.c.logs()
+    );
+    assert_three_records_once(&t, &f.log);
+    // Steps 1-4 were replayed, not asked again: the model saw turns 0 and 1 once each.
+    assert_eq!(f.model.asked_for_turn(0), 1);
+    assert_eq!(f.model.asked_for_turn(1), 1);
+
+    // The journal and the status agree: seven steps, all done, with the tool steps' digests.
+    let objects = f.step_objects(&id).await;
+    assert_eq!(objects.len(), 7);
+    assert!(objects.iter().all(|s| s.spec.outcome == StepOutcome::Done));
+    let summary: Vec<(u32, StepKind)> = t.status.steps.iter().map(|s| (s.index, s.kind)).collect();
+    assert_eq!(
+        summary,
+        (1..=7)
+            .map(|i| (
+                i,
+                if i % 2 == 0 {
+                    StepKind::Tool
+                } else {
+                    StepKind::Model
+                }
+            ))
+            .collect::<Vec<_>>()
+    );
+    // Usage counts every model turn: four turns of 10 in / 5 out.
+    let usage = t.status.usage.unwrap_or_default();
+    assert_eq!((usage.input_tokens, usage.output_tokens), (40, 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destructive_tool_on_the_distributed_runtime_waits_for_an_approver_and_runs_the_approved_call_once()
+ {
+    let script = vec![
+        Scripted::Calls(vec![(
+            "rec__write_record",
+            json!({"key": "a", "value": "1"}),
+        )]),
+        Scripted::Calls(vec![("rec__delete_record", json!({"key": "a"}))]),
+        Scripted::Answer,
+    ];
+    let f = Fixture::new(
+        "plan-approve",
+        script,
+        vec![
+            tool("rec", "write_record", false),
+            tool("rec", "delete_record", true),
+        ],
+    )
+    .await;
+    let _operator = f.c.operator("op-approve");
+    let _worker = f.c.worker("worker-approve");
+    let id = f.submit(1, "write then delete").await;
+    let parked =
+        f.c.wait_phase(
+            &id,
+            |p| p == TaskPhase::AwaitingApproval || p.is_terminal(),
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(
+        parked.phase(),
+        TaskPhase::AwaitingApproval,
+        "{:?}",
+        parked.status.reason
+    );
+    let pending = parked
+        .status
+        .pending_approval
+        .clone()
+        .expect("the step that waits");
+    assert_eq!(
+        (pending.step, pending.server.as_str(), pending.tool.as_str()),
+        (4, "rec", "delete_record")
+    );
+    assert_eq!(
+        f.step_objects(&id).await.last().map(|s| s.spec.outcome),
+        Some(StepOutcome::AwaitingApproval)
+    );
+    assert_eq!(recorded(&f.log).len(), 1, "only the write ran so far");
+
+    // The approver's decision, recorded as the gateway does (an AgentApproval).
+    f.c.store
+        .record_decision(
+            &id,
+            Approval {
+                decision: ApprovalDecision::Approved,
+                approver: APPROVER.into(),
+                comment: None,
+                decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::now(),
+                ),
+                step: Some(pending.step),
+                args_digest: Some(pending.args_digest.clone()),
+            },
+        )
+        .await
+        .unwrap();
+    let t = f.c.wait_terminal(&id).await;
+    assert_eq!(
+        t.phase(),
+        TaskPhase::Succeeded,
+        "{:?}\n{}",
+        t.status.reason,
+        f.c.logs()
+    );
+    let calls: Vec<(String, String)> = recorded(&f.log)
+        .into_iter()
+        .map(|c| (c.tool, c.key))
+        .collect();
+    assert_eq!(
+        calls,
+        vec![
+            ("write_record".to_owned(), format!("{id}/tool/2")),
+            ("delete_record".to_owned(), format!("{id}/tool/4")),
+        ],
+        "the approved call ran once, under its step key"
+    );
+    assert_eq!(
+        f.step_objects(&id).await[3].spec.outcome,
+        StepOutcome::Done,
+        "the approved step is finished in the journal"
+    );
+}
