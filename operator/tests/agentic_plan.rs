@@ -27,7 +27,7 @@ use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
 use agentplane_api::policy::{
     AgentPolicySpec, DEFAULT_REGO_QUERY, EndpointKind, HttpTransport, IntentRule, McpServer,
-    ModelTier, RateLimitAction, RegoModule, RegoPolicy, SecretKeyRef, ToolRule,
+    RateLimitAction, RegoModule, RegoPolicy, ToolRule,
 };
 use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision, StepKind, StepOutcome};
 use mcp_peers::{
@@ -37,7 +37,6 @@ use mcp_peers::{
 use scripted_model::{ModelServer, Scripted, tool_results};
 use serde_json::{Value, json};
 
-const KEY: &str = "sk-test-plan-0123456789abcdef";
 const INTENT: &str = "agent";
 
 // ---------------------------------------------------------------------------------------------
@@ -50,20 +49,7 @@ fn policy(
     tools: Vec<ToolRule>,
 ) -> AgentPolicySpec {
     let mut p = default_policy();
-    p.models = vec![ModelTier {
-        name: "scripted".into(),
-        endpoint_kind: kind,
-        endpoint: format!("{base}/v1"),
-        model: Some("plan-model".into()),
-        price_per_1k_input_micros: 1000,
-        price_per_1k_output_micros: 2000,
-        privacy_levels: vec![],
-        gpu: false,
-        secret_ref: Some(SecretKeyRef {
-            name: "model".into(),
-            key: "api-key".into(),
-        }),
-    }];
+    p.models = vec![scripted_model::tier(kind, base)];
     p.intents.push(IntentRule {
         kind: INTENT.into(),
         allowed: true,
@@ -81,11 +67,6 @@ fn policy(
 // ---------------------------------------------------------------------------------------------
 // The runtime.
 
-fn write_model_key(dir: &Path) {
-    std::fs::create_dir_all(dir.join("secrets/model")).unwrap();
-    std::fs::write(dir.join("secrets/model/api-key"), KEY).unwrap();
-}
-
 fn device_spec(device: &DeviceIdentity) -> EdgeDeviceSpec {
     EdgeDeviceSpec {
         public_keys: vec![device.public_key()],
@@ -96,7 +77,7 @@ fn device_spec(device: &DeviceIdentity) -> EdgeDeviceSpec {
 }
 
 async fn start(dir: &Path, policy: AgentPolicySpec) -> (Embedded, DeviceIdentity) {
-    write_model_key(dir);
+    scripted_model::write_key(dir);
     let rt = Embedded::start(EmbeddedConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
@@ -972,7 +953,7 @@ async fn seed_dev(
     tool_name: &str,
     prompt: &str,
 ) -> (PathBuf, String) {
-    write_model_key(dir);
+    scripted_model::write_key(dir);
     let log = dir.join("calls.jsonl");
     let policy = policy(
         kind,

@@ -10,6 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use agentplane_api::policy::{ModelTier, SecretKeyRef};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
@@ -180,4 +181,34 @@ pub async fn model_reply(
             }
         }
     }
+}
+
+/// The name of the policy's model tier served by this endpoint.
+pub const TIER: &str = "scripted";
+/// The API key the tier sends (from the secret `model/api-key`).
+pub const KEY: &str = "sk-test-plan-0123456789abcdef";
+
+/// The model tier for the endpoint at `base` (`ModelServer::base`), speaking `kind`'s format, its
+/// key in the secret `model/api-key` (see [`write_key`]).
+pub fn tier(kind: agentplane_api::policy::EndpointKind, base: &str) -> ModelTier {
+    ModelTier {
+        name: TIER.into(),
+        endpoint_kind: kind,
+        endpoint: format!("{base}/v1"),
+        model: Some("plan-model".into()),
+        price_per_1k_input_micros: 1000,
+        price_per_1k_output_micros: 2000,
+        privacy_levels: vec![],
+        gpu: false,
+        secret_ref: Some(SecretKeyRef {
+            name: "model".into(),
+            key: "api-key".into(),
+        }),
+    }
+}
+
+/// Writes the tier's key where an embedded runtime with data directory `data_dir` reads secrets.
+pub fn write_key(data_dir: &std::path::Path) {
+    std::fs::create_dir_all(data_dir.join("secrets/model")).unwrap();
+    std::fs::write(data_dir.join("secrets/model/api-key"), KEY).unwrap();
 }
