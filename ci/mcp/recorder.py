@@ -14,7 +14,9 @@ with the first call's result and has no new effect, which is what a deduplicatin
 Tools:
 - `write_record(key, value)`: a side effect (the record appended to LOG);
 - `delete_record(key)`: the "destructive" one, for the approval tests;
-- `slow_write(key, value, seconds)`: a write that takes `seconds` first, for suspend/kill timing;
+- `slow_write(key, value, seconds)`: a write whose answer takes `seconds` after its effect (logged
+  at once), for suspend/kill timing: a client killed meanwhile has had the effect but not the reply.
+  A repeat of a call already logged (same key) is answered at once, from the record;
 - `read_records()`: what was written so far (no side effect, not logged).
 """
 
@@ -87,10 +89,11 @@ async def delete_record(key: str, ctx: Context) -> str:
     return f"deleted {key}"
 
 
-@server.tool(description="Store value under key after waiting `seconds`.")
+@server.tool(description="Store value under key, then take `seconds` to answer.")
 async def slow_write(key: str, value: str, seconds: float, ctx: Context) -> str:
-    await asyncio.sleep(max(0.0, min(seconds, 60.0)))
-    record(ctx, "slow_write", {"key": key, "value": value, "seconds": seconds})
+    duplicate = record(ctx, "slow_write", {"key": key, "value": value, "seconds": seconds})
+    if not duplicate:
+        await asyncio.sleep(max(0.0, min(seconds, 60.0)))
     return f"stored {key}={value}"
 
 

@@ -1,17 +1,23 @@
 // Drives the gateway's approver console in headless Chromium against a real runtime: a wrong token
-// is refused with a clear message; the right one lists the pending approvals; Approve moves the
-// task-level one on; Deny (with a comment) denies the step-level one, and the page names the step.
-// Usage: GATEWAY_URL=… TOKEN=… TASK_LEVEL=<task id> STEP_LEVEL=<task id> SCREENSHOT=… node approvals.test.mjs
+// is refused with a clear message; the right one lists the pending approvals, the step-level ones
+// with their call and arguments; Approve moves the task-level one on; Approve moves a plan parked at
+// a tool step on; Deny (with a comment) denies the other plan's step, and the page names the step.
+// Usage: GATEWAY_URL=… TOKEN=… TASK_LEVEL=<task id> STEP_APPROVE=<task id> STEP_DENY=<task id>
+//        STEP_CALL="step N: server/tool" STEP_ARGUMENT=<text in the arguments> SCREENSHOT=…
+//        node approvals.test.mjs
 import { chromium } from "playwright-core";
 
 const url = process.env.GATEWAY_URL;
 const token = process.env.TOKEN;
 const taskLevel = process.env.TASK_LEVEL;
-const stepLevel = process.env.STEP_LEVEL;
+const stepApprove = process.env.STEP_APPROVE;
+const stepDeny = process.env.STEP_DENY;
+const stepCall = process.env.STEP_CALL;
+const stepArgument = process.env.STEP_ARGUMENT;
 const screenshot = process.env.SCREENSHOT || "approvals.png";
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-if (!url || !token || !taskLevel || !stepLevel) {
-  console.error("GATEWAY_URL, TOKEN, TASK_LEVEL and STEP_LEVEL are required");
+if (!url || !token || !taskLevel || !stepApprove || !stepDeny || !stepCall || !stepArgument) {
+  console.error("GATEWAY_URL, TOKEN, TASK_LEVEL, STEP_APPROVE, STEP_DENY, STEP_CALL and STEP_ARGUMENT are required");
   process.exit(2);
 }
 
@@ -57,42 +63,48 @@ try {
   if ((await page.locator("#approvals li").count()) !== 0) throw new Error("a wrong token listed approvals");
   console.log("wrong token:", JSON.stringify(await message()));
 
-  // The approver's token: both waiting tasks, the step-level one with its call and arguments.
+  // The approver's token: all three waiting tasks, the step-level ones with their call and arguments.
   await page.fill("#token", token);
   await page.click("#load");
   const a = page.locator(`li.approval[data-task-id="${taskLevel}"]`);
-  const b = page.locator(`li.approval[data-task-id="${stepLevel}"]`);
-  await a.waitFor({ timeout: 30_000 });
-  await b.waitFor({ timeout: 30_000 });
-  const call = await b.locator(".call").textContent();
-  if (!call.includes("step 3: files/delete")) throw new Error(`step-level call shows ${JSON.stringify(call)}`);
-  const args = await b.locator(".arguments").textContent();
-  if (!args.includes("/tmp/old-report")) throw new Error(`arguments show ${JSON.stringify(args)}`);
+  const steps = [stepApprove, stepDeny].map((id) => page.locator(`li.approval[data-task-id="${id}"]`));
+  for (const li of [a, ...steps]) await li.waitFor({ timeout: 30_000 });
+  for (const li of steps) {
+    const call = await li.locator(".call").textContent();
+    if (!call.includes(stepCall)) throw new Error(`step-level call shows ${JSON.stringify(call)}`);
+    const args = await li.locator(".arguments").textContent();
+    if (!args.includes(stepArgument)) throw new Error(`arguments show ${JSON.stringify(args)}`);
+  }
   const whole = await a.locator(".call").textContent();
   if (!whole.includes("the whole task")) throw new Error(`task-level call shows ${JSON.stringify(whole)}`);
 
-  // Approve the task-level one: the controller moves it on and the page says so.
-  await a.locator("button.approve").click();
-  await waitMessage(
-    (id) => {
-      const t = document.querySelector("#message")?.textContent || "";
-      return t.startsWith(`Task ${id} is now`) && !t.includes("AwaitingApproval");
-    },
-    "approve",
-    taskLevel,
-  );
-  console.log("approved:", JSON.stringify(await message()));
-  await a.waitFor({ state: "detached", timeout: 10_000 });
+  // Approve: the controller moves the task on and the page says so.
+  async function approve(li, id) {
+    await li.locator("button.approve").click();
+    await waitMessage(
+      (id) => {
+        const t = document.querySelector("#message")?.textContent || "";
+        return t.startsWith(`Task ${id} is now`) && !t.includes("AwaitingApproval");
+      },
+      "approve",
+      id,
+    );
+    console.log("approved:", JSON.stringify(await message()));
+    await li.waitFor({ state: "detached", timeout: 10_000 });
+  }
+  await approve(a, taskLevel);
+  await approve(steps[0], stepApprove);
 
-  // Deny the step-level one with a comment: denied, and the step is named.
-  await b.locator("input.comment").fill("not that file");
-  await b.locator("button.deny").click();
+  // Deny the other step with a comment: denied, and the step is named.
+  await steps[1].locator("input.comment").fill("not that record");
+  await steps[1].locator("button.deny").click();
   await waitMessage(
     () => (document.querySelector("#message")?.textContent || "").includes("is now Denied"),
     "deny",
   );
   const denied = await message();
-  if (!denied.includes("at step 3 (files/delete)")) throw new Error(`denial says ${JSON.stringify(denied)}`);
+  const at = stepCall.replace(/^step (\d+): (.*)$/, "at step $1 ($2)");
+  if (!denied.includes(at)) throw new Error(`denial says ${JSON.stringify(denied)}, not ${JSON.stringify(at)}`);
   console.log("denied:", JSON.stringify(denied));
   await page.locator("#empty").waitFor({ state: "visible", timeout: 10_000 });
 

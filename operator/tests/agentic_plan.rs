@@ -31,15 +31,14 @@ use agentplane_api::policy::{
 };
 use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision, StepKind, StepOutcome};
 use mcp_peers::{
-    everything, http_everything, python, recorded, recorder_server, script, server, tool,
-    wait_for_calls,
+    assert_gone, everything, http_everything, python, recorded, recorder_server, script, server,
+    tool, wait_for_calls,
 };
 use scripted_model::{
     ModelServer, Scripted, assert_three_records_once, plan_policy, three_records, tool_results,
 };
 use serde_json::{Value, json};
 
-const KEY: &str = "sk-test-plan-0123456789abcdef";
 const INTENT: &str = "agent";
 
 // ---------------------------------------------------------------------------------------------
@@ -57,11 +56,6 @@ fn policy(
 // ---------------------------------------------------------------------------------------------
 // The runtime.
 
-fn write_model_key(dir: &Path) {
-    std::fs::create_dir_all(dir.join("secrets/model")).unwrap();
-    std::fs::write(dir.join("secrets/model/api-key"), KEY).unwrap();
-}
-
 fn device_spec(device: &DeviceIdentity) -> EdgeDeviceSpec {
     EdgeDeviceSpec {
         public_keys: vec![device.public_key()],
@@ -72,7 +66,7 @@ fn device_spec(device: &DeviceIdentity) -> EdgeDeviceSpec {
 }
 
 async fn start(dir: &Path, policy: AgentPolicySpec) -> (Embedded, DeviceIdentity) {
-    write_model_key(dir);
+    scripted_model::write_key(dir);
     let rt = Embedded::start(EmbeddedConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
@@ -895,36 +889,62 @@ fn start_dev(dir: &Path) -> Dev {
     ))
 }
 
+/// The store of a data directory, opened beside (or without) a running `agentplane dev`.
+fn dev_store(dir: &Path) -> std::sync::Arc<SqliteStore> {
+    SqliteStore::new(Db::open(&dir.join("agentplane.sqlite")).unwrap(), "default")
+}
+
+/// Seeds a data directory for `agentplane dev`: the model key, a policy offering the recorder's
+/// `tool` with `model` as the tier, one device and one submitted task. Returns the recorder's log
+/// and the task id.
+async fn seed_dev(
+    dir: &Path,
+    model: &ModelServer,
+    kind: EndpointKind,
+    tool_name: &str,
+    prompt: &str,
+) -> (PathBuf, String) {
+    scripted_model::write_key(dir);
+    let log = dir.join("calls.jsonl");
+    let policy = policy(
+        kind,
+        &model.base,
+        vec![recorder_server(&log)],
+        vec![tool("rec", tool_name, false)],
+    );
+    let device = DeviceIdentity::generate("kiosk-1").unwrap();
+    let store = dev_store(dir);
+    store.put_policy(policy).await.unwrap();
+    store
+        .put_device("kiosk-1", device_spec(&device))
+        .await
+        .unwrap();
+    (log, submit(&*store, &device, 1, prompt).await)
+}
+
+/// The task's journal rows as (step, outcome), read from the data directory's database.
+async fn journaled(dir: &Path, id: &str) -> Vec<(u32, StepOutcome)> {
+    let journal = SqliteJournal::new(Db::open(&dir.join("agentplane.sqlite")).unwrap())
+        .await
+        .unwrap();
+    let steps = journal.steps(id).await.unwrap();
+    steps.iter().map(|s| (s.step, s.outcome)).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_after_step_two_resumes_and_repeats_no_finished_tool_call() {
     // Anthropic format. The third model turn is held until the worker has been killed.
     let model = ModelServer::start(three_records()).await;
     model.state.lock().unwrap().hold = Some(2);
     let dir = tempfile::tempdir().unwrap();
-
-    let log = dir.path().join("calls.jsonl");
-    write_model_key(dir.path());
-    let device = DeviceIdentity::generate("kiosk-1").unwrap();
-    let id = {
-        let store = SqliteStore::new(
-            Db::open(&dir.path().join("agentplane.sqlite")).unwrap(),
-            "default",
-        );
-        store
-            .put_policy(policy(
-                EndpointKind::Anthropic,
-                &model.base,
-                vec![recorder_server(&log)],
-                vec![tool("rec", "write_record", false)],
-            ))
-            .await
-            .unwrap();
-        store
-            .put_device("kiosk-1", device_spec(&device))
-            .await
-            .unwrap();
-        submit(&*store, &device, 1, "write three records").await
-    };
+    let (log, id) = seed_dev(
+        dir.path(),
+        &model,
+        EndpointKind::Anthropic,
+        "write_record",
+        "write three records",
+    )
+    .await;
     let mut dev = start_dev(dir.path());
 
     // Step 4 (the second tool call) has had its effect and the worker is asking the model for step 5.
@@ -943,29 +963,20 @@ async fn a_worker_killed_after_step_two_resumes_and_repeats_no_finished_tool_cal
     assert_eq!(before.len(), 2, "{before:?}");
     dev.0.as_mut().unwrap().kill().unwrap(); // SIGKILL
     dev.0.as_mut().unwrap().wait().unwrap();
-    {
-        let db = Db::open(&dir.path().join("agentplane.sqlite")).unwrap();
-        let journal = SqliteJournal::new(db).await.unwrap();
-        let steps = journal.steps(&id).await.unwrap();
-        let outcomes: Vec<(u32, StepOutcome)> = steps.iter().map(|s| (s.step, s.outcome)).collect();
-        assert_eq!(
-            outcomes,
-            vec![
-                (1, StepOutcome::Done),
-                (2, StepOutcome::Done),
-                (3, StepOutcome::Done),
-                (4, StepOutcome::Done),
-                (5, StepOutcome::Pending)
-            ]
-        );
-    }
+    assert_eq!(
+        journaled(dir.path(), &id).await,
+        vec![
+            (1, StepOutcome::Done),
+            (2, StepOutcome::Done),
+            (3, StepOutcome::Done),
+            (4, StepOutcome::Done),
+            (5, StepOutcome::Pending)
+        ]
+    );
     // `send_replace`: the held request's handler went away with the killed worker's connection.
     model.release.send_replace(true);
     let _dev = start_dev(dir.path());
-    let store = SqliteStore::new(
-        Db::open(&dir.path().join("agentplane.sqlite")).unwrap(),
-        "default",
-    );
+    let store = dev_store(dir.path());
     let t = wait_for(&*store, &id, 60, "a terminal phase", |t| {
         t.phase().is_terminal()
     })
@@ -975,6 +986,96 @@ async fn a_worker_killed_after_step_two_resumes_and_repeats_no_finished_tool_cal
     let keys: Vec<String> = model.seen().iter().map(|(_, k, _)| k.clone()).collect();
     let k = |n: u32| format!("{id}/model/{n}");
     assert_eq!(keys, vec![k(1), k(3), k(5), k(5), k(7)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_inside_a_tool_call_reissues_it_under_the_same_key_and_its_effect_happens_once()
+ {
+    // OpenAI format. Step 2 is `slow_write`: the recorder logs the call (its effect) at once and
+    // holds the reply for 20 s, so the kill lands after the effect and before the worker has
+    // the result: the journal row stays `pending`.
+    let script = vec![
+        Scripted::Calls(vec![(
+            "rec__slow_write",
+            json!({"key": "a", "value": "1", "seconds": 20}),
+        )]),
+        Scripted::Answer,
+    ];
+    let model = ModelServer::start(script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, id) = seed_dev(
+        dir.path(),
+        &model,
+        EndpointKind::Openai,
+        "slow_write",
+        "one slow write",
+    )
+    .await;
+    let mut dev = start_dev(dir.path());
+    let first = wait_for_calls(&log, 1).await;
+    assert_eq!(
+        model.asked_for_turn(1),
+        0,
+        "the tool call had already answered"
+    );
+    dev.0.as_mut().unwrap().kill().unwrap(); // SIGKILL, mid-call
+    dev.0.as_mut().unwrap().wait().unwrap();
+
+    // The recorder runs in its own process group, so the SIGKILL did not reach it; its stdin
+    // closed with the worker, and the SDK's stdio server then exits (its reply meets a broken
+    // pipe) without finishing the 20 s call and without logging anything more. So the orphan
+    // is gone before the restart and cannot answer, or log, on the new worker's behalf.
+    assert_gone(first[0].pid).await;
+    assert_eq!(recorded(&log).len(), 1, "the orphaned server logged more");
+    assert_eq!(model.asked_for_turn(1), 0);
+    assert_eq!(
+        journaled(dir.path(), &id).await,
+        vec![(1, StepOutcome::Done), (2, StepOutcome::Pending)],
+        "the tool step's row is begun, not finished, at restart"
+    );
+
+    let _dev = start_dev(dir.path());
+    let store = dev_store(dir.path());
+    let t = wait_for(&*store, &id, 60, "a terminal phase", |t| {
+        t.phase().is_terminal()
+    })
+    .await;
+    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+    assert_eq!(t.status.result.as_deref(), Some("results: stored a=1"));
+    // Step 2 was issued again under the same key, by a new server process, and recognised as
+    // a repeat: the effect happened once.
+    let calls = recorded(&log);
+    let seen: Vec<(&str, &str, bool)> = calls
+        .iter()
+        .map(|c| (c.tool.as_str(), c.key.as_str(), c.duplicate))
+        .collect();
+    let key = format!("{id}/tool/2");
+    assert_eq!(
+        seen,
+        vec![
+            ("slow_write", key.as_str(), false),
+            ("slow_write", key.as_str(), true)
+        ]
+    );
+    assert_ne!(calls[0].pid, calls[1].pid);
+    assert_eq!(calls[1].arguments, calls[0].arguments);
+    // The finished model step 1 was not asked again; step 3 was asked once.
+    let keys: Vec<String> = model.seen().iter().map(|(_, k, _)| k.clone()).collect();
+    assert_eq!(keys, vec![format!("{id}/model/1"), format!("{id}/model/3")]);
+    let steps: Vec<(u32, StepKind, StepOutcome)> = t
+        .status
+        .steps
+        .iter()
+        .map(|s| (s.index, s.kind, s.outcome))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (1, StepKind::Model, StepOutcome::Done),
+            (2, StepKind::Tool, StepOutcome::Done),
+            (3, StepKind::Model, StepOutcome::Done)
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

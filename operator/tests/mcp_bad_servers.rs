@@ -14,7 +14,7 @@ mod mcp_peers;
 use agentplane::mcp::{McpError, McpSession};
 use agentplane::secrets::FileSecrets;
 use agentplane_api::policy::{HttpTransport, McpServer, NamedValue, SecretKeyRef, StdioTransport};
-use mcp_peers::{python, script};
+use mcp_peers::{assert_gone, python, script};
 use serde_json::{Map, Value, json};
 
 const SECRET: &str = "s3cret-token-value";
@@ -69,27 +69,6 @@ fn assert_clean(e: &McpError, server: &str) {
     );
     assert!(!text.contains(SECRET), "no secret in errors: {text}");
     assert!(!format!("{e:?}").contains(SECRET), "nor in Debug: {e:?}");
-}
-
-/// Polls until the process is gone (reaped, or at least dead: a zombie no longer runs).
-async fn assert_gone(pid: u32) {
-    for _ in 0..250 {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return,
-            Ok(stat)
-                if stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z') =>
-            {
-                return;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    panic!("the MCP server process {pid} is still running after the session ended");
 }
 
 /// A fresh session to a well-behaved server still works: the misbehaviour broke nothing else.

@@ -29,7 +29,6 @@ use scripted_model::{
 use serde_json::json;
 
 const INTENT: &str = "agent";
-const MODEL_KEY: &str = "sk-cluster-plan-0123456789abcdef";
 
 fn steps_api(c: &Cluster) -> Api<AgentTaskStep> {
     Api::namespaced(c.client.clone(), &c.namespace)
@@ -54,7 +53,7 @@ async fn seal_model_key(c: &Cluster) {
                 name: "model".into(),
                 key: "api-key".into(),
             },
-            MODEL_KEY.as_bytes(),
+            scripted_model::KEY.as_bytes(),
         )
         .await
         .unwrap();

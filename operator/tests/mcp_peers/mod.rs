@@ -104,6 +104,8 @@ pub struct Call {
     pub arguments: Value,
     pub key: String,
     pub duplicate: bool,
+    /// The recorder process that received it.
+    pub pid: u32,
 }
 
 pub fn recorded(log: &Path) -> Vec<Call> {
@@ -119,6 +121,7 @@ pub fn recorded(log: &Path) -> Vec<Call> {
                 arguments: v["arguments"].clone(),
                 key: v["idempotencyKey"].as_str().unwrap_or("").to_owned(),
                 duplicate: v["duplicate"].as_bool().unwrap(),
+                pid: v["pid"].as_u64().unwrap() as u32,
             }
         })
         .collect()
@@ -134,4 +137,26 @@ pub async fn wait_for_calls(log: &Path, n: usize) -> Vec<Call> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the recorder saw {:?}, not {n} calls", recorded(log));
+}
+
+/// Polls until the process is gone (reaped, or at least dead: a zombie no longer runs); panics
+/// if it still runs after 5 s.
+pub async fn assert_gone(pid: u32) {
+    for _ in 0..250 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z') =>
+            {
+                return;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("the MCP server process {pid} is still running 5 s later");
 }

@@ -189,21 +189,18 @@ pub async fn model_reply(
     }
 }
 
-/// `base` policy made to run `intent` as a plan: its one model tier is the scripted model at `base_url`
-/// (wire format by `kind`, API key in the secret `model`/`api-key`), the intent's rule allows `tools`
-/// of `servers`.
-pub fn plan_policy(
-    mut base: AgentPolicySpec,
-    intent: &str,
-    kind: EndpointKind,
-    base_url: &str,
-    servers: Vec<McpServer>,
-    tools: Vec<ToolRule>,
-) -> AgentPolicySpec {
-    base.models = vec![ModelTier {
-        name: "scripted".into(),
+/// The name of the policy's model tier served by this endpoint.
+pub const TIER: &str = "scripted";
+/// The API key the tier sends (from the secret `model/api-key`).
+pub const KEY: &str = "sk-test-plan-0123456789abcdef";
+
+/// The model tier for the endpoint at `base` (`ModelServer::base`), speaking `kind`'s format, its
+/// key in the secret `model/api-key` (see [`write_key`]).
+pub fn tier(kind: EndpointKind, base: &str) -> ModelTier {
+    ModelTier {
+        name: TIER.into(),
         endpoint_kind: kind,
-        endpoint: format!("{base_url}/v1"),
+        endpoint: format!("{base}/v1"),
         model: Some("plan-model".into()),
         price_per_1k_input_micros: 1000,
         price_per_1k_output_micros: 2000,
@@ -213,7 +210,26 @@ pub fn plan_policy(
             name: "model".into(),
             key: "api-key".into(),
         }),
-    }];
+    }
+}
+
+/// Writes the tier's key where an embedded runtime with data directory `data_dir` reads secrets.
+pub fn write_key(data_dir: &Path) {
+    std::fs::create_dir_all(data_dir.join("secrets/model")).unwrap();
+    std::fs::write(data_dir.join("secrets/model/api-key"), KEY).unwrap();
+}
+
+/// `base` policy made to run `intent` as a plan: its one model tier is the scripted model at `base_url`
+/// ([`tier`]), the intent's rule allows `tools` of `servers`.
+pub fn plan_policy(
+    mut base: AgentPolicySpec,
+    intent: &str,
+    kind: EndpointKind,
+    base_url: &str,
+    servers: Vec<McpServer>,
+    tools: Vec<ToolRule>,
+) -> AgentPolicySpec {
+    base.models = vec![tier(kind, base_url)];
     base.intents.push(IntentRule {
         kind: intent.into(),
         allowed: true,
