@@ -739,9 +739,34 @@ async fn a_destructive_tool_waits_for_approval_and_runs_with_the_approved_argume
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].tool, "write_record");
 
+    // Every status the task goes through from the approval on.
+    let mut changes = rt.store.changes();
     decide(&*rt.store, &parked, ApprovalDecision::Approved).await;
     let t = finished(&*rt.store, &id).await;
     assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+    let mut seen = Vec::new();
+    while let Ok(ev) = changes.try_recv() {
+        if ev.id == id {
+            seen.push((ev.phase, ev.task.status.reason.clone()));
+        }
+    }
+    // Once approved, no status still says the step waits; the re-queue names the approval.
+    assert!(
+        seen.iter()
+            .all(|(phase, reason)| *phase == TaskPhase::AwaitingApproval
+                || !reason
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("waits for an approver")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&(
+            TaskPhase::Queued,
+            Some("step 4 (rec/delete_record) approved by admin".into())
+        )),
+        "{seen:?}"
+    );
     let calls = recorded(log);
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[1].tool, "delete_record");

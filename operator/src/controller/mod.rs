@@ -239,6 +239,14 @@ async fn decide(
             finish_from(store, task, status, TaskPhase::Denied, &reason).await
         }
         ApprovalDecision::Approved => {
+            // The reason said what the task waited for; that wait is over.
+            status.reason = Some(match pending {
+                Some(p) => format!(
+                    "step {} ({}/{}) approved by {}",
+                    p.step, p.server, p.tool, approval.approver
+                ),
+                None => format!("approved by {}", approval.approver),
+            });
             // Rate limits and budgets were applied when the task was parked; the tier (and its
             // reservation in the ledger) chosen then is the one that runs.
             let tier = task.status.model.as_ref().and_then(|m| {
@@ -1128,6 +1136,12 @@ mod tests {
         assert_eq!(
             reconcile(&*f.store, &*f.queue, &exact).await.unwrap(),
             Outcome::Moved(TaskPhase::Queued)
+        );
+        // The reason no longer says the task waits: it names the approved step.
+        let queued = f.store.get_task(&ids[0]).await.unwrap().unwrap();
+        assert_eq!(
+            queued.status.reason.as_deref(),
+            Some("step 3 (files/delete) approved by alice"),
         );
         // Denied: the reason names the step and the tool.
         let denied = record(

@@ -762,6 +762,9 @@ impl PlanRun<'_> {
         }) {
             status.pending_approval = None;
         }
+        // A step finished, so the plan runs: a reason left from before (suspended before step N,
+        // a step approved, an attempt that failed) no longer describes the task.
+        status.reason = None;
         self.task = write_status(&*self.worker.store, &self.task, status).await?;
         Ok(())
     }
