@@ -490,6 +490,8 @@ async fn run_one_task(worker: &Worker, namespace: &str, name: &str) -> anyhow::R
         Some(Handled::Dropped) => (0, "already finished or cancelled: nothing done"),
         Some(Handled::Released) => (1, "not runnable yet (not queued, suspended, or taken)"),
         Some(Handled::Retry) => (1, "attempt failed; to be retried"),
+        // The Job is done: once the step is approved the operator runs the rest on a new Job.
+        Some(Handled::Parked) => (0, "waits at a plan step for an approver"),
     };
     println!("task {namespace}/{name}: {what}");
     if code != 0 {

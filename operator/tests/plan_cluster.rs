@@ -12,16 +12,18 @@ mod cluster;
 mod mcp_peers;
 mod scripted_model;
 
+use agentplane::controller::gpu_job::{dispatch_job_name, job_name};
 use agentplane::secrets::KubeKmsSecrets;
-use agentplane::store::TaskStore;
 use agentplane::store::journal::{Begun, JournalEntry, StepEnd, StepJournal};
 use agentplane::store::kube_journal::KubeJournal;
+use agentplane::store::{TaskRecord, TaskStore};
 use agentplane_api::TaskPhase;
-use agentplane_api::policy::{EndpointKind, SecretKeyRef, ToolRule};
+use agentplane_api::policy::{AgentPolicySpec, EndpointKind, SecretKeyRef, ToolRule};
 use agentplane_api::step::{AgentTaskStep, MAX_STEP_TEXT_BYTES, step_object_name};
-use agentplane_api::task::{Approval, ApprovalDecision, StepKind, StepOutcome};
+use agentplane_api::task::{Approval, ApprovalDecision, PendingApproval, StepKind, StepOutcome};
 use cluster::{APPROVER, Cluster};
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use mcp_peers::{recorded, recorder_server, tool, wait_for_calls};
 use scripted_model::{
     ModelServer, Scripted, assert_three_records_once, plan_policy, three_records,
@@ -70,21 +72,30 @@ struct Fixture {
 
 impl Fixture {
     async fn new(name: &str, script: Vec<Scripted>, tools: Vec<ToolRule>) -> Fixture {
+        Fixture::with(name, script, tools, |_| {}).await
+    }
+
+    /// As [`Fixture::new`], with the policy edited by `edit` before it is stored.
+    async fn with(
+        name: &str,
+        script: Vec<Scripted>,
+        tools: Vec<ToolRule>,
+        edit: impl FnOnce(&mut AgentPolicySpec),
+    ) -> Fixture {
         let c = Cluster::new(name).await;
         let model = ModelServer::start(script).await;
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("calls.jsonl");
-        c.store
-            .put_policy(plan_policy(
-                cluster::policy(),
-                INTENT,
-                EndpointKind::Openai,
-                &model.base,
-                vec![recorder_server(&log)],
-                tools,
-            ))
-            .await
-            .unwrap();
+        let mut policy = plan_policy(
+            cluster::policy(),
+            INTENT,
+            EndpointKind::Openai,
+            &model.base,
+            vec![recorder_server(&log)],
+            tools,
+        );
+        edit(&mut policy);
+        c.store.put_policy(policy).await.unwrap();
         seal_model_key(&c).await;
         let device = c.device("kiosk-1").await;
         Fixture {
@@ -111,6 +122,71 @@ impl Fixture {
         items.sort_by_key(|s| s.spec.step);
         items
     }
+}
+
+/// A write, then the destructive delete (step 4, which needs an approver), then the answer.
+fn write_then_delete() -> Vec<Scripted> {
+    vec![
+        Scripted::Calls(vec![(
+            "rec__write_record",
+            json!({"key": "a", "value": "1"}),
+        )]),
+        Scripted::Calls(vec![("rec__delete_record", json!({"key": "a"}))]),
+        Scripted::Answer,
+    ]
+}
+
+fn write_and_delete_tools() -> Vec<ToolRule> {
+    vec![
+        tool("rec", "write_record", false),
+        tool("rec", "delete_record", true),
+    ]
+}
+
+/// The approver's decision on the waiting call, recorded as the gateway does (an AgentApproval).
+async fn approve(c: &Cluster, id: &str, pending: &PendingApproval) {
+    c.store
+        .record_decision(
+            id,
+            Approval {
+                decision: ApprovalDecision::Approved,
+                approver: APPROVER.into(),
+                comment: None,
+                decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::now(),
+                ),
+                step: Some(pending.step),
+                args_digest: Some(pending.args_digest.clone()),
+            },
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits for the write-then-delete plan to end: Succeeded, with the write and the approved delete
+/// each recorded once under its step key.
+async fn succeeded_with_write_then_delete_once(f: &Fixture, id: &str) -> TaskRecord {
+    let t = f.c.wait_terminal(id).await;
+    assert_eq!(
+        t.phase(),
+        TaskPhase::Succeeded,
+        "{:?}\n{}",
+        t.status.reason,
+        f.c.logs()
+    );
+    let calls: Vec<(String, String)> = recorded(&f.log)
+        .into_iter()
+        .map(|c| (c.tool, c.key))
+        .collect();
+    assert_eq!(
+        calls,
+        vec![
+            ("write_record".to_owned(), format!("{id}/tool/2")),
+            ("delete_record".to_owned(), format!("{id}/tool/4")),
+        ],
+        "each call once, under its step key"
+    );
+    t
 }
 
 fn entry(task: &str, step: u32, kind: StepKind) -> JournalEntry {
@@ -354,21 +430,10 @@ async fn a_plan_on_the_distributed_worker_survives_a_sigkill_after_step_two_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destructive_tool_on_the_distributed_runtime_waits_for_an_approver_and_runs_the_approved_call_once()
  {
-    let script = vec![
-        Scripted::Calls(vec![(
-            "rec__write_record",
-            json!({"key": "a", "value": "1"}),
-        )]),
-        Scripted::Calls(vec![("rec__delete_record", json!({"key": "a"}))]),
-        Scripted::Answer,
-    ];
     let f = Fixture::new(
         "plan-approve",
-        script,
-        vec![
-            tool("rec", "write_record", false),
-            tool("rec", "delete_record", true),
-        ],
+        write_then_delete(),
+        write_and_delete_tools(),
     )
     .await;
     let _operator = f.c.operator("op-approve");
@@ -402,46 +467,158 @@ async fn a_destructive_tool_on_the_distributed_runtime_waits_for_an_approver_and
     );
     assert_eq!(recorded(&f.log).len(), 1, "only the write ran so far");
 
-    // The approver's decision, recorded as the gateway does (an AgentApproval).
-    f.c.store
-        .record_decision(
-            &id,
-            Approval {
-                decision: ApprovalDecision::Approved,
-                approver: APPROVER.into(),
-                comment: None,
-                decided_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    jiff::Timestamp::now(),
-                ),
-                step: Some(pending.step),
-                args_digest: Some(pending.args_digest.clone()),
-            },
-        )
-        .await
-        .unwrap();
-    let t = f.c.wait_terminal(&id).await;
-    assert_eq!(
-        t.phase(),
-        TaskPhase::Succeeded,
-        "{:?}\n{}",
-        t.status.reason,
-        f.c.logs()
-    );
-    let calls: Vec<(String, String)> = recorded(&f.log)
-        .into_iter()
-        .map(|c| (c.tool, c.key))
-        .collect();
-    assert_eq!(
-        calls,
-        vec![
-            ("write_record".to_owned(), format!("{id}/tool/2")),
-            ("delete_record".to_owned(), format!("{id}/tool/4")),
-        ],
-        "the approved call ran once, under its step key"
-    );
+    approve(&f.c, &id, &pending).await;
+    succeeded_with_write_then_delete_once(&f, &id).await;
     assert_eq!(
         f.step_objects(&id).await[3].spec.outcome,
         StepOutcome::Done,
         "the approved step is finished in the journal"
+    );
+}
+
+/// The GPU Job template the operator is given (no kubelet here: the test runs the pod's command).
+const GPU_TEMPLATE: &str = r#"
+template:
+  spec:
+    serviceAccountName: agentplane-worker
+    containers:
+      - name: worker
+        image: ghcr.io/agentplane/agentplane:test
+ttlSecondsAfterFinished: 900
+backoffLimit: 1
+"#;
+
+/// The Job controller's part: the Job `name` completed.
+async fn complete_job(jobs: &Api<Job>, name: &str) {
+    let now = jiff::Timestamp::now().to_string();
+    jobs.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "startTime": now, "completionTime": now, "succeeded": 1,
+            "conditions": [
+                {"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": now},
+                {"type": "Complete", "status": "True", "lastTransitionTime": now},
+            ],
+        }})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("writing Job {name}'s status: {e}"));
+}
+
+async fn wait_for_job(c: &Cluster, jobs: &Api<Job>, name: &str) -> Job {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(j) = jobs.get_opt(name).await.unwrap() {
+            return j;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Job {name} within 60 s\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs a Job's pod command (`agentplane worker --task NS/NAME`) to its end; returns its stdout.
+async fn run_pod(c: &Cluster, job: &Job) -> String {
+    let args = job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let out = c.run_command(&args).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_plan_parked_for_approval_runs_the_approved_rest_on_a_job_of_its_own() {
+    let f = Fixture::with(
+        "gpu-plan",
+        write_then_delete(),
+        write_and_delete_tools(),
+        |p| p.models[0].gpu = true,
+    )
+    .await;
+    let template = f.c.logs.path().join("gpu-job.yaml");
+    std::fs::write(&template, GPU_TEMPLATE).unwrap();
+    let _operator = f.c.operator_with(
+        "op-gpu-plan",
+        &[(
+            "AGENTPLANE_GPU_JOB_TEMPLATE",
+            template.display().to_string(),
+        )],
+    );
+    let mut payload = f.device.intent(1, INTENT, "write then delete on the gpu");
+    payload.required_resources.gpu = 1;
+    let id = f.c.admit(&f.device, &payload).await;
+    let jobs: Api<Job> = Api::namespaced(f.c.client.clone(), &f.c.namespace);
+
+    // The first Job runs the plan up to the step that needs an approver.
+    let first = wait_for_job(&f.c, &jobs, &job_name(&id)).await;
+    let out = run_pod(&f.c, &first).await;
+    assert!(
+        out.contains("waits at a plan step for an approver"),
+        "{out}"
+    );
+    let parked = f.c.store.get_task(&id).await.unwrap().unwrap();
+    assert_eq!(
+        parked.phase(),
+        TaskPhase::AwaitingApproval,
+        "{:?}",
+        parked.status.reason
+    );
+    let pending = parked.status.pending_approval.clone().unwrap();
+    assert_eq!((pending.step, pending.tool.as_str()), (4, "delete_record"));
+    assert_eq!(recorded(&f.log).len(), 1, "only the write ran");
+    complete_job(&jobs, &job_name(&id)).await;
+
+    // Approved: the rest runs on a second Job (the first one is Complete), which the operator
+    // watches instead of the first.
+    approve(&f.c, &id, &pending).await;
+    let second_name = dispatch_job_name(&id, Some(&format!("{id}/step/4")));
+    assert_ne!(second_name, job_name(&id));
+    let second = wait_for_job(&f.c, &jobs, &second_name).await;
+    let queued =
+        f.c.wait_phase(&id, |p| p == TaskPhase::Queued, Duration::from_secs(30))
+            .await;
+    assert_eq!(
+        queued
+            .status
+            .queue
+            .as_ref()
+            .and_then(|q| q.message_id.as_deref()),
+        Some(format!("job/{second_name}").as_str())
+    );
+    // The operator does not take the first Job's completion for this dispatch's.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        f.c.store.get_task(&id).await.unwrap().unwrap().phase(),
+        TaskPhase::Queued
+    );
+    let out = run_pod(&f.c, &second).await;
+    assert!(out.contains("succeeded"), "{out}");
+    complete_job(&jobs, &second_name).await;
+    let t = succeeded_with_write_then_delete_once(&f, &id).await;
+    // The completed second Job leaves the finished task alone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        f.c.store.get_task(&id).await.unwrap().unwrap().version,
+        t.version
     );
 }

@@ -100,8 +100,21 @@ impl GpuJobTemplate {
         Ok(t)
     }
 
-    /// The Job that runs task `namespace/name` (object `uid`) with `gpus` GPUs.
+    /// The first Job that runs task `namespace/name` (object `uid`) with `gpus` GPUs.
     pub fn job_for(&self, namespace: &str, name: &str, uid: &str, gpus: u32) -> Job {
+        self.dispatch_job(namespace, name, &job_name(name), uid, gpus)
+    }
+
+    /// A Job named `job` that runs task `namespace/name` (object `uid`) with `gpus` GPUs: the
+    /// first dispatch's ([`job_for`](Self::job_for)) or a later one's ([`dispatch_job_name`]).
+    pub fn dispatch_job(
+        &self,
+        namespace: &str,
+        name: &str,
+        job: &str,
+        uid: &str,
+        gpus: u32,
+    ) -> Job {
         let mut template = self.template.clone();
         let labels = template
             .metadata
@@ -127,7 +140,7 @@ impl GpuJobTemplate {
         }
         Job {
             metadata: ObjectMeta {
-                name: Some(job_name(name)),
+                name: Some(job.into()),
                 namespace: Some(namespace.into()),
                 labels: Some(BTreeMap::from([(TASK_LABEL.into(), name.into())])),
                 owner_references: Some(vec![OwnerReference {
@@ -166,6 +179,17 @@ pub fn job_name(task_id: &str) -> String {
     format!("gpu-{}-{}", prefix.trim_end_matches('-'), &digest[..8])
 }
 
+/// The Job name for one dispatch of a task. The controller sends a task more than once when a plan
+/// waits at a step for an approver: the first Job ran up to that step and completed, so the approved
+/// remainder needs a Job of its own. The dispatch is told apart by the work item's deduplication id
+/// (the task id the first time, `<task>/step/<N>` after an approval at step N).
+pub fn dispatch_job_name(task_id: &str, dedup_id: Option<&str>) -> String {
+    match dedup_id {
+        Some(id) if id != task_id => job_name(&id.replace('/', "-")),
+        _ => job_name(task_id),
+    }
+}
+
 /// How a task's Job stands.
 #[derive(Debug, PartialEq, Eq)]
 pub enum JobOutcome {
@@ -179,9 +203,9 @@ pub enum JobOutcome {
     Missing,
 }
 
-/// Reads a task's Job and says how it stands.
-pub async fn job_outcome(jobs: &Api<Job>, task_id: &str) -> Result<JobOutcome, kube::Error> {
-    let Some(job) = jobs.get_opt(&job_name(task_id)).await? else {
+/// Reads the Job `name` and says how it stands.
+pub async fn job_outcome(jobs: &Api<Job>, name: &str) -> Result<JobOutcome, kube::Error> {
+    let Some(job) = jobs.get_opt(name).await? else {
         return Ok(JobOutcome::Missing);
     };
     let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
@@ -228,9 +252,14 @@ impl JobDispatchQueue {
         }
     }
 
-    /// Creates the task's Job (or finds the one an earlier attempt created) and returns its
+    /// Creates the task's Job `name` (or finds the one an earlier attempt created) and returns its
     /// message id, `job/<name>`.
-    async fn create_job(&self, task_name: &str, gpus: u32) -> Result<String, QueueError> {
+    async fn create_job(
+        &self,
+        task_name: &str,
+        name: &str,
+        gpus: u32,
+    ) -> Result<String, QueueError> {
         let task = self
             .tasks
             .get(task_name)
@@ -243,8 +272,7 @@ impl JobDispatchQueue {
             .ok_or_else(|| QueueError::backend(format!("AgentTask {task_name} has no uid")))?;
         let job = self
             .template
-            .job_for(&self.namespace, task_name, &uid, gpus);
-        let name = job_name(task_name);
+            .dispatch_job(&self.namespace, task_name, name, &uid, gpus);
         match self.jobs.create(&PostParams::default(), &job).await {
             Ok(_) => {
                 tracing::info!(task = %task_name, job = %name, gpus, "GPU Job created");
@@ -252,7 +280,7 @@ impl JobDispatchQueue {
             Err(kube::Error::Api(s)) if s.is_already_exists() => {
                 let existing = self
                     .jobs
-                    .get(&name)
+                    .get(name)
                     .await
                     .map_err(|e| QueueError::backend(format!("reading Job {name}: {e}")))?;
                 let ours = existing
@@ -290,7 +318,8 @@ impl TaskQueue for JobDispatchQueue {
         }
         let body: QueueMessage = serde_json::from_str(&message.body)
             .map_err(|e| QueueError::backend(format!("work item body: {e}")))?;
-        self.create_job(&body.task.name, gpus).await
+        let name = dispatch_job_name(&body.task.name, message.dedup_id.as_deref());
+        self.create_job(&body.task.name, &name, gpus).await
     }
 
     async fn receive(
@@ -365,6 +394,29 @@ ttlSecondsAfterFinished: 600
         let limits = worker.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert_eq!(limits[GPU_RESOURCE], Quantity("2".into()));
         assert_eq!(limits["memory"], Quantity("1Gi".into()));
+    }
+
+    #[test]
+    fn a_dispatch_after_an_approval_gets_a_job_of_its_own() {
+        assert_eq!(dispatch_job_name("t-1", None), "gpu-t-1");
+        assert_eq!(dispatch_job_name("t-1", Some("t-1")), "gpu-t-1");
+        assert_eq!(
+            dispatch_job_name("t-1", Some("t-1/step/4")),
+            "gpu-t-1-step-4"
+        );
+        let long = "x".repeat(60);
+        let first = dispatch_job_name(&long, Some(&long));
+        let later = dispatch_job_name(&long, Some(&format!("{long}/step/4")));
+        assert!(first.len() <= 63 && later.len() <= 63, "{first} {later}");
+        assert_ne!(first, later);
+        let job = template().dispatch_job("ns", "t-1", "gpu-t-1-step-4", "uid-1", 1);
+        assert_eq!(job.metadata.name.as_deref(), Some("gpu-t-1-step-4"));
+        // The pod still runs the task itself, not the step.
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.containers[0].args.as_deref().unwrap(),
+            ["worker", "--task", "ns/t-1"]
+        );
     }
 
     #[test]

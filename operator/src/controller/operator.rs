@@ -431,17 +431,20 @@ async fn check_gpu_job(
     let Some(jobs) = &ctx.jobs else {
         return Ok(None);
     };
-    let on_job = task
+    // The Job of the task's latest dispatch (a plan approved at a step runs on a Job of its own).
+    let Some(name) = task
         .status
         .queue
         .as_ref()
         .and_then(|q| q.message_id.as_deref())
-        .is_some_and(|m| m.starts_with(JOB_MESSAGE_PREFIX));
-    if !on_job || !matches!(task.phase(), TaskPhase::Queued | TaskPhase::Running) {
+        .and_then(|m| m.strip_prefix(JOB_MESSAGE_PREFIX))
+    else {
+        return Ok(None);
+    };
+    if !matches!(task.phase(), TaskPhase::Queued | TaskPhase::Running) {
         return Ok(None);
     }
-    let name = gpu_job::job_name(&task.id);
-    let outcome = gpu_job::job_outcome(jobs, &task.id).await.map_err(|e| {
+    let outcome = gpu_job::job_outcome(jobs, name).await.map_err(|e| {
         ControllerError::from(StoreError::Backend(format!("reading Job {name}: {e}")))
     })?;
     let reason = match outcome {

@@ -90,6 +90,9 @@ pub enum Handled {
     Retry,
     /// The task failed for good; the message was deleted.
     Failed,
+    /// A plan waits at a step for an approver (AwaitingApproval); the message was deleted and the
+    /// controller sends a new one once the step is decided.
+    Parked,
 }
 
 impl Worker {

@@ -79,7 +79,15 @@ pub async fn run_one(
     };
     let delivery = Delivery {
         lease: LeaseId(format!("job:{name}")),
-        message_id: format!("{JOB_MESSAGE_PREFIX}{}", job_name(name)),
+        // The dispatch the controller recorded (a plan approved at a step runs on a later Job than
+        // the first); the operator watches the Job this names.
+        message_id: task
+            .status
+            .queue
+            .as_ref()
+            .and_then(|q| q.message_id.clone())
+            .filter(|m| m.starts_with(JOB_MESSAGE_PREFIX))
+            .unwrap_or_else(|| format!("{JOB_MESSAGE_PREFIX}{}", job_name(name))),
         body: serde_json::to_string(&body).map_err(QueueError::backend)?,
         attributes: Default::default(),
         receive_count,

@@ -208,7 +208,7 @@ impl Worker {
             // The approval, when it comes, sends a new message through the controller.
             Err(Stop::Parked) => {
                 self.delete_quietly(&d.lease).await;
-                Ok(Handled::Dropped)
+                Ok(Handled::Parked)
             }
             Err(Stop::Settle) => self.settle_after_stop(d, &task.id).await,
         }
