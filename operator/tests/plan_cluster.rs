@@ -303,6 +303,22 @@ async fn the_kubernetes_step_journal_begins_once_finishes_once_and_the_api_serve
         err.to_string().contains("a finished step never changes"),
         "{err}"
     );
+    // Its replay data included: the journaled arguments are what a resume would run.
+    let mut edited = obj.clone();
+    edited.spec.payload = Some(
+        json!({"arguments": {"key": "b"}})
+            .as_object()
+            .cloned()
+            .unwrap(),
+    );
+    let err = api
+        .replace(&step_object_name(&task, 1), &PostParams::default(), &edited)
+        .await
+        .expect_err("a finished step's payload is final");
+    assert!(
+        err.to_string().contains("a finished step never changes"),
+        "{err}"
+    );
     // Nor move a step's identity, even while it is pending.
     journal
         .begin(&entry(&task, 3, StepKind::Tool))
