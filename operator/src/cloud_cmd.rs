@@ -488,7 +488,9 @@ async fn run_one_task(worker: &Worker, namespace: &str, name: &str) -> anyhow::R
         Some(Handled::Succeeded) => (0, "succeeded"),
         Some(Handled::Failed) => (0, "failed for good; the reason is in its status"),
         Some(Handled::Dropped) => (0, "already finished or cancelled: nothing done"),
-        Some(Handled::Released) => (1, "not runnable yet (not queued, suspended, or taken)"),
+        Some(Handled::Released) => (1, "not runnable yet (not queued yet, or taken)"),
+        // Exit 0 frees the GPU: the operator runs the task on a new Job once suspend is cleared.
+        Some(Handled::Suspended) => (0, "suspended: handed back, stays Queued"),
         Some(Handled::Retry) => (1, "attempt failed; to be retried"),
         // The Job is done: once the step is approved the operator runs the rest on a new Job.
         Some(Handled::Parked) => (0, "waits at a plan step for an approver"),

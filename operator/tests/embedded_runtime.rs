@@ -427,7 +427,7 @@ async fn a_suspended_policy_stops_workers_taking_work() {
         .receive(1, Duration::from_secs(30), Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(worker.handle(&d[0]).await.unwrap(), Handled::Released);
+    assert_eq!(worker.handle(&d[0]).await.unwrap(), Handled::Suspended);
     assert_eq!(model.0.load(Ordering::SeqCst), 0);
     assert_eq!(
         store.get_task(&task.id).await.unwrap().unwrap().phase(),

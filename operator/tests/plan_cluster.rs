@@ -12,12 +12,13 @@ mod cluster;
 mod mcp_peers;
 mod scripted_model;
 
-use agentplane::controller::gpu_job::{dispatch_job_name, job_name};
+use agentplane::controller::gpu_job::{after_job_dispatch_id, dispatch_job_name, job_name};
 use agentplane::secrets::KubeKmsSecrets;
 use agentplane::store::journal::{Begun, JournalEntry, StepEnd, StepJournal};
 use agentplane::store::kube_journal::KubeJournal;
 use agentplane::store::{TaskRecord, TaskStore};
 use agentplane_api::TaskPhase;
+use agentplane_api::policy::AgentPolicy;
 use agentplane_api::policy::{AgentPolicySpec, EndpointKind, SecretKeyRef, ToolRule};
 use agentplane_api::step::{AgentTaskStep, MAX_STEP_TEXT_BYTES, step_object_name};
 use agentplane_api::task::{Approval, ApprovalDecision, PendingApproval, StepKind, StepOutcome};
@@ -537,10 +538,9 @@ async fn wait_for_job(c: &Cluster, jobs: &Api<Job>, name: &str) -> Job {
     }
 }
 
-/// Runs a Job's pod command (`agentplane worker --task NS/NAME`) to its end; returns its stdout.
-async fn run_pod(c: &Cluster, job: &Job) -> String {
-    let args = job
-        .spec
+/// The Job's pod command (`agentplane worker --task NS/NAME`).
+fn pod_args(job: &Job) -> Vec<String> {
+    job.spec
         .as_ref()
         .unwrap()
         .template
@@ -550,8 +550,30 @@ async fn run_pod(c: &Cluster, job: &Job) -> String {
         .containers[0]
         .args
         .clone()
-        .unwrap();
-    let out = c.run_command(&args).output().await.unwrap();
+        .unwrap()
+}
+
+/// Starts an operator dispatching GPU tasks as Jobs and admits a one-GPU `agent` task.
+async fn gpu_task(f: &Fixture, operator: &str, prompt: &str) -> (cluster::Proc, String, Api<Job>) {
+    let template = f.c.logs.path().join("gpu-job.yaml");
+    std::fs::write(&template, GPU_TEMPLATE).unwrap();
+    let op = f.c.operator_with(
+        operator,
+        &[(
+            "AGENTPLANE_GPU_JOB_TEMPLATE",
+            template.display().to_string(),
+        )],
+    );
+    let mut payload = f.device.intent(1, INTENT, prompt);
+    payload.required_resources.gpu = 1;
+    let id = f.c.admit(&f.device, &payload).await;
+    let jobs: Api<Job> = Api::namespaced(f.c.client.clone(), &f.c.namespace);
+    (op, id, jobs)
+}
+
+/// Runs a Job's pod command (`agentplane worker --task NS/NAME`) to its end; returns its stdout.
+async fn run_pod(c: &Cluster, job: &Job) -> String {
+    let out = c.run_command(&pod_args(job)).output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -571,19 +593,7 @@ async fn a_gpu_plan_parked_for_approval_runs_the_approved_rest_on_a_job_of_its_o
         |p| p.models[0].gpu = true,
     )
     .await;
-    let template = f.c.logs.path().join("gpu-job.yaml");
-    std::fs::write(&template, GPU_TEMPLATE).unwrap();
-    let _operator = f.c.operator_with(
-        "op-gpu-plan",
-        &[(
-            "AGENTPLANE_GPU_JOB_TEMPLATE",
-            template.display().to_string(),
-        )],
-    );
-    let mut payload = f.device.intent(1, INTENT, "write then delete on the gpu");
-    payload.required_resources.gpu = 1;
-    let id = f.c.admit(&f.device, &payload).await;
-    let jobs: Api<Job> = Api::namespaced(f.c.client.clone(), &f.c.namespace);
+    let (_operator, id, jobs) = gpu_task(&f, "op-gpu-plan", "write then delete on the gpu").await;
 
     // The first Job runs the plan up to the step that needs an approver.
     let first = wait_for_job(&f.c, &jobs, &job_name(&id)).await;
@@ -637,4 +647,106 @@ async fn a_gpu_plan_parked_for_approval_runs_the_approved_rest_on_a_job_of_its_o
         f.c.store.get_task(&id).await.unwrap().unwrap().version,
         t.version
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_plan_suspended_mid_plan_frees_its_job_and_resumes_on_a_new_one_when_suspend_is_cleared()
+ {
+    let f = Fixture::with(
+        "gpu-suspend",
+        three_records(),
+        vec![tool("rec", "write_record", false)],
+        |p| p.models[0].gpu = true,
+    )
+    .await;
+    // Hold the model's second turn (step 3): the namespace is suspended while it is in flight.
+    f.model.state.lock().unwrap().hold = Some(1);
+    let (_operator, id, jobs) = gpu_task(&f, "op-gpu-suspend", "three writes on the gpu").await;
+    let first = wait_for_job(&f.c, &jobs, &job_name(&id)).await;
+    let pod = f.c.run_command(&pod_args(&first)).spawn().unwrap();
+    wait_for_calls(&f.log, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while f.model.asked_for_turn(1) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "turn 2 never asked\n{}",
+            f.c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let policies: Api<AgentPolicy> = Api::namespaced(f.c.client.clone(), &f.c.namespace);
+    let suspend = |on: bool| {
+        let policies = policies.clone();
+        async move {
+            policies
+                .patch(
+                    "default",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"suspend": on}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    suspend(true).await;
+    // Give the pod's policy watch a moment to see it, then let step 3 finish.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.model.release.send_replace(true);
+    let out = pod.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("suspended"),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held = f.c.store.get_task(&id).await.unwrap().unwrap();
+    assert_eq!(held.phase(), TaskPhase::Queued, "{:?}", held.status.reason);
+    assert!(
+        held.status
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("suspended before step 4"),
+        "{:?}",
+        held.status.reason
+    );
+    assert_eq!(recorded(&f.log).len(), 1, "nothing ran after the suspend");
+    // The Job controller's part: the pod exited 0, so the Job is Complete (its GPU is free).
+    complete_job(&jobs, &job_name(&id)).await;
+    let first_uid = jobs
+        .get(&job_name(&id))
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let next = dispatch_job_name(&id, Some(&after_job_dispatch_id(&id, &first_uid)));
+    // While suspended: no new Job, the task stays Queued (not failed as an incomplete Job).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(jobs.get_opt(&next).await.unwrap().is_none());
+    assert_eq!(
+        f.c.store.get_task(&id).await.unwrap().unwrap().phase(),
+        TaskPhase::Queued
+    );
+
+    // Cleared: the operator runs the rest on a new Job, which resumes at step 4.
+    suspend(false).await;
+    let second = wait_for_job(&f.c, &jobs, &next).await;
+    let requeued = f.c.store.get_task(&id).await.unwrap().unwrap();
+    assert_eq!(
+        requeued
+            .status
+            .queue
+            .as_ref()
+            .and_then(|q| q.message_id.as_deref()),
+        Some(format!("job/{next}").as_str())
+    );
+    let out = run_pod(&f.c, &second).await;
+    assert!(out.contains("succeeded"), "{out}");
+    let t = f.c.wait_terminal(&id).await;
+    assert_three_records_once(&t, &f.log);
+    // Steps 1-3 were not asked again.
+    assert_eq!(f.model.asked_for_turn(0), 1);
+    assert_eq!(f.model.asked_for_turn(1), 1);
 }

@@ -190,13 +190,29 @@ pub fn dispatch_job_name(task_id: &str, dedup_id: Option<&str>) -> String {
     }
 }
 
+/// The most Jobs one task may have (first dispatch, approvals, hand-backs): a pod that keeps
+/// ending without finishing the task must not make Jobs forever.
+pub const MAX_JOBS_PER_TASK: usize = 16;
+
+/// The deduplication id of the dispatch after Job `uid` completed without finishing the task (the
+/// pod handed it back while the namespace was suspended). Derived from that Job, so an operator that
+/// crashed after creating the next Job finds it again, and distinct for every hand-back.
+pub fn after_job_dispatch_id(task_id: &str, uid: &str) -> String {
+    let short: String = uid
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    format!("{task_id}/after/{short}")
+}
+
 /// How a task's Job stands.
 #[derive(Debug, PartialEq, Eq)]
 pub enum JobOutcome {
     /// Not finished (or not yet looked at by the Job controller).
     Active,
-    /// The Job ran to completion.
-    Complete,
+    /// The Job ran to completion (its uid names the next dispatch when the task was handed back).
+    Complete { uid: String },
     /// The Job gave up; the condition's reason and message.
     Failed(String),
     /// There is no Job for the task.
@@ -222,7 +238,9 @@ pub async fn job_outcome(jobs: &Api<Job>, name: &str) -> Result<JobOutcome, kube
         )));
     }
     if holds("Complete").is_some() {
-        return Ok(JobOutcome::Complete);
+        return Ok(JobOutcome::Complete {
+            uid: job.metadata.uid.clone().unwrap_or_default(),
+        });
     }
     Ok(JobOutcome::Active)
 }
@@ -417,6 +435,24 @@ ttlSecondsAfterFinished: 600
             pod.containers[0].args.as_deref().unwrap(),
             ["worker", "--task", "ns/t-1"]
         );
+    }
+
+    #[test]
+    fn a_hand_back_is_followed_by_a_job_named_after_the_one_that_ended() {
+        let a = after_job_dispatch_id("t-1", "5f0c2a9e-1111-2222-3333-444455556666");
+        assert_eq!(a, "t-1/after/5f0c2a9e");
+        // The same ended Job always gives the same next one (an operator that crashed after
+        // creating it finds it again); another ended Job gives another.
+        assert_eq!(
+            a,
+            after_job_dispatch_id("t-1", "5f0c2a9e-1111-2222-3333-444455556666")
+        );
+        let b = after_job_dispatch_id("t-1", "77aa0000-1111-2222-3333-444455556666");
+        assert_ne!(
+            dispatch_job_name("t-1", Some(&a)),
+            dispatch_job_name("t-1", Some(&b))
+        );
+        assert_eq!(dispatch_job_name("t-1", Some(&a)), "gpu-t-1-after-5f0c2a9e");
     }
 
     #[test]

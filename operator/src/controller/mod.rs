@@ -249,16 +249,7 @@ async fn decide(
             });
             // Rate limits and budgets were applied when the task was parked; the tier (and its
             // reservation in the ledger) chosen then is the one that runs.
-            let tier = task.status.model.as_ref().and_then(|m| {
-                Some(TierChoice {
-                    index: m.tier? as usize,
-                    name: m.selected.clone()?,
-                    requested: m.requested.clone(),
-                    estimate_micros: 0,
-                    downgrade: None,
-                })
-            });
-            match tier {
+            match recorded_tier(task) {
                 Some(tier) => enqueue(store, queue, task, &tier, status).await,
                 None => {
                     finish_from(
@@ -508,12 +499,65 @@ async fn hold(
 
 /// Sends the work item, then records Queued. In that order: a crash in between leaves a Pending task
 /// whose next reconcile sends again, and the task-id deduplication id makes that second send a no-op.
+/// The tier the task was admitted on (recorded in `status.model`), for sending it again.
+fn recorded_tier(task: &TaskRecord) -> Option<TierChoice> {
+    task.status.model.as_ref().and_then(|m| {
+        Some(TierChoice {
+            index: m.tier? as usize,
+            name: m.selected.clone()?,
+            requested: m.requested.clone(),
+            estimate_micros: 0,
+            downgrade: None,
+        })
+    })
+}
+
+/// Sends a Queued task's work item again under `dedup_id` (a GPU task whose Job ended without
+/// finishing it, e.g. handed back while the namespace was suspended) and records the new dispatch.
+pub(crate) async fn redispatch(
+    store: &dyn TaskStore,
+    queue: &dyn TaskQueue,
+    task: &TaskRecord,
+    dedup_id: String,
+) -> Result<Outcome, ControllerError> {
+    match recorded_tier(task) {
+        Some(tier) => enqueue_as(store, queue, task, &tier, task.status.clone(), dedup_id).await,
+        None => {
+            finish(
+                store,
+                task,
+                TaskPhase::Failed,
+                "queued task has no model tier recorded",
+            )
+            .await
+        }
+    }
+}
+
 async fn enqueue(
     store: &dyn TaskStore,
     queue: &dyn TaskQueue,
     task: &TaskRecord,
     tier: &TierChoice,
     base: AgentTaskStatus,
+) -> Result<Outcome, ControllerError> {
+    // A plan approved at a step is sent again while its first message may still be in the queue
+    // (the parking worker deletes it after writing AwaitingApproval) or inside SQS FIFO's
+    // 5-minute window: a per-step id keeps the second send from being deduplicated.
+    let dedup_id = match &task.status.pending_approval {
+        Some(p) => format!("{}/step/{}", task.id, p.step),
+        None => task.id.clone(),
+    };
+    enqueue_as(store, queue, task, tier, base, dedup_id).await
+}
+
+async fn enqueue_as(
+    store: &dyn TaskStore,
+    queue: &dyn TaskQueue,
+    task: &TaskRecord,
+    tier: &TierChoice,
+    base: AgentTaskStatus,
+    dedup_id: String,
 ) -> Result<Outcome, ControllerError> {
     let body = QueueMessage {
         task: TaskRef {
@@ -545,13 +589,7 @@ async fn enqueue(
             body: serde_json::to_string(&body).map_err(QueueError::backend)?,
             attributes,
             group_id: Some(task.spec.device_ref.name.clone()),
-            // A plan approved at a step is sent again while its first message may still be in the
-            // queue (the parking worker deletes it after writing AwaitingApproval) or inside SQS
-            // FIFO's 5-minute window: a per-step id keeps the second send from being deduplicated.
-            dedup_id: Some(match &task.status.pending_approval {
-                Some(p) => format!("{}/step/{}", task.id, p.step),
-                None => task.id.clone(),
-            }),
+            dedup_id: Some(dedup_id),
         })
         .instrument(span)
         .await?;

@@ -16,7 +16,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::batch::v1::Job;
 use kube::Client;
 use kube::Resource as _;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::gpu_job::{self, JOB_MESSAGE_PREFIX, JobOutcome, TASK_LABEL};
-use super::{ControllerError, Outcome, finish, governs, reconcile_with};
+use super::{ControllerError, Outcome, finish, governs, reconcile_with, redispatch};
 use crate::audit::{LogError, ObservedStore, TaskObserver};
 use crate::metrics::Metrics;
 use crate::policy::ledger::Ledger;
@@ -420,8 +420,9 @@ async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError>
 }
 
 /// A GPU task out on its Job: fails the task when the Job failed (backoffLimit or deadline), was
-/// deleted, or completed without the task reaching a terminal phase (the pod writes the result
-/// before it exits 0). `None`: not a GPU task on a Job, or its Job is still going. The write is
+/// deleted, or completed while the task was Running (the pod writes the result before it exits 0).
+/// A Job that completed with the task handed back to Queued (suspended) is followed by a new Job
+/// once the namespace is no longer suspended. `None`: not a GPU task on a Job, or its Job is still going. The write is
 /// conditional on the version read, so a pod that completes the task meanwhile wins.
 async fn check_gpu_job(
     task: &crate::store::TaskRecord,
@@ -453,7 +454,41 @@ async fn check_gpu_job(
         JobOutcome::Missing => {
             format!("gpu_job_missing: Job {name} is gone but the task never finished")
         }
-        JobOutcome::Complete => {
+        // The pod handed a Queued task back (the namespace was suspended before it ran, or
+        // before its plan's next step): it waits while suspended, then runs on a new Job.
+        JobOutcome::Complete { uid } if task.phase() == TaskPhase::Queued => {
+            let suspended = store
+                .get_policy()
+                .await
+                .map_err(ControllerError::from)?
+                .is_some_and(|p| p.suspend);
+            if suspended {
+                return Ok(Some(Outcome::Unchanged));
+            }
+            let made = jobs
+                .list(&ListParams::default().labels(&format!("{TASK_LABEL}={}", task.id)))
+                .await
+                .map_err(|e| {
+                    ControllerError::from(StoreError::Backend(format!(
+                        "listing the Jobs of task {}: {e}",
+                        task.id
+                    )))
+                })?
+                .items
+                .len();
+            if made < gpu_job::MAX_JOBS_PER_TASK {
+                let dedup_id = gpu_job::after_job_dispatch_id(&task.id, &uid);
+                tracing::info!(task = %task.id, job = %name, next = %dedup_id, "GPU task handed back by its Job; running it on a new one");
+                let outcome = redispatch(store, &*ctx.queue, task, dedup_id)
+                    .await
+                    .map_err(ReconcileError::from)?;
+                return Ok(Some(outcome));
+            }
+            format!(
+                "gpu_job_incomplete: Job {name} completed without finishing the task, and it has had {made} Jobs already"
+            )
+        }
+        JobOutcome::Complete { .. } => {
             format!("gpu_job_incomplete: Job {name} completed without finishing the task")
         }
     };

@@ -93,6 +93,9 @@ pub enum Handled {
     /// A plan waits at a step for an approver (AwaitingApproval); the message was deleted and the
     /// controller sends a new one once the step is decided.
     Parked,
+    /// The namespace is suspended: the task stays (or went back to) Queued and the message was
+    /// handed back to the queue.
+    Suspended,
 }
 
 impl Worker {
@@ -227,7 +230,7 @@ impl Worker {
         // Suspended while this receive was waiting: hand the message back untouched.
         if self.store.get_policy().await?.is_some_and(|p| p.suspend) {
             self.queue.release(&d.lease, self.config.wait).await?;
-            return Ok(Handled::Released);
+            return Ok(Handled::Suspended);
         }
         if !matches!(task.phase(), TaskPhase::Queued | TaskPhase::Running) {
             // Sent, but the controller has not recorded Queued yet: come back shortly.

@@ -236,7 +236,7 @@ impl Worker {
                 tracing::info!(task = %task.id, step, "plan suspended");
                 match self.queue.release(&d.lease, self.config.wait).await {
                     Ok(()) | Err(crate::queue::QueueError::LeaseExpired(_)) => {
-                        Ok(Handled::Released)
+                        Ok(Handled::Suspended)
                     }
                     Err(e) => Err(e.into()),
                 }
