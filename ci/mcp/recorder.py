@@ -5,7 +5,8 @@ log path in `RECORDER_LOG`), over stdio. Every tools/call it receives is appende
 line, before its effect and flushed to disk, so a test can count side effects even across a worker
 that was killed mid-plan:
 
-    {"tool": ..., "arguments": {...}, "idempotencyKey": ..., "duplicate": bool, "pid": ...}
+    {"tool": ..., "arguments": {...}, "idempotencyKey": ..., "duplicate": bool, "pid": ...,
+     "tokenSha256": ... (only when RECORDER_TOKEN is set: the SHA-256 of the injected credential)}
 
 `idempotencyKey` is the agentplane step key the client sends in `_meta`; `duplicate` says whether a
 call with the same key was received before (by this or an earlier process): such a call is answered
@@ -21,6 +22,7 @@ Tools:
 """
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -70,6 +72,11 @@ def record(ctx: Context, tool: str, arguments: dict) -> bool:
         "duplicate": duplicate,
         "pid": os.getpid(),
     }
+    # A credential the runtime injected (an env entry with a secretRef): only its SHA-256 is
+    # logged, so a test can check which value arrived without the log holding it.
+    token = os.environ.get("RECORDER_TOKEN")
+    if token is not None:
+        line["tokenSha256"] = hashlib.sha256(token.encode()).hexdigest()
     with open(LOG, "a", encoding="utf-8") as f:
         f.write(json.dumps(line, sort_keys=True) + "\n")
         f.flush()

@@ -19,7 +19,9 @@ use agentplane::store::kube_journal::KubeJournal;
 use agentplane::store::{TaskRecord, TaskStore};
 use agentplane_api::TaskPhase;
 use agentplane_api::policy::AgentPolicy;
-use agentplane_api::policy::{AgentPolicySpec, EndpointKind, SecretKeyRef, ToolRule};
+use agentplane_api::policy::{
+    AgentPolicySpec, EndpointKind, McpServer, NamedValue, SecretKeyRef, ToolRule,
+};
 use agentplane_api::step::{AgentTaskStep, MAX_STEP_TEXT_BYTES, step_object_name};
 use agentplane_api::task::{Approval, ApprovalDecision, PendingApproval, StepKind, StepOutcome};
 use cluster::{APPROVER, Cluster};
@@ -37,8 +39,13 @@ fn steps_api(c: &Cluster) -> Api<AgentTaskStep> {
     Api::namespaced(c.client.clone(), &c.namespace)
 }
 
-/// Seals the scripted model's key into the namespace's Secret `model` under a fresh moto KMS key.
-async fn seal_model_key(c: &Cluster) {
+/// The recorder's credential: injected as `RECORDER_TOKEN` from a KMS-sealed Secret, so the
+/// recorder's log shows it arrived (by its SHA-256) and no component may ever print it.
+const MCP_TOKEN: &str = "mcp-token-7f3a9c51e2d84b60";
+
+/// Seals the scripted model's key (Secret `model`) and the recorder's token (Secret `mcp`) into
+/// the namespace under a fresh moto KMS key.
+async fn seal_secrets(c: &Cluster) {
     let kms = aws_sdk_kms::Client::new(&c.stack.aws_sdk_config().await);
     let key_id = kms
         .create_key()
@@ -49,17 +56,39 @@ async fn seal_model_key(c: &Cluster) {
         .key_metadata
         .unwrap()
         .key_id;
-    KubeKmsSecrets::new(c.client.clone(), &c.namespace, kms)
-        .put(
-            &key_id,
-            &SecretKeyRef {
-                name: "model".into(),
-                key: "api-key".into(),
-            },
-            scripted_model::KEY.as_bytes(),
-        )
-        .await
-        .unwrap();
+    let secrets = KubeKmsSecrets::new(c.client.clone(), &c.namespace, kms);
+    for (name, key, value) in [
+        ("model", "api-key", scripted_model::KEY),
+        ("mcp", "token", MCP_TOKEN),
+    ] {
+        secrets
+            .put(
+                &key_id,
+                &SecretKeyRef {
+                    name: name.into(),
+                    key: key.into(),
+                },
+                value.as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// The recorder, with its token from the sealed Secret `mcp`.
+fn recorder_with_token(log: &std::path::Path) -> McpServer {
+    let mut server = recorder_server(log);
+    if let Some(stdio) = server.stdio.as_mut() {
+        stdio.env.push(NamedValue {
+            name: "RECORDER_TOKEN".into(),
+            value: None,
+            secret_ref: Some(SecretKeyRef {
+                name: "mcp".into(),
+                key: "token".into(),
+            }),
+        });
+    }
+    server
 }
 
 /// A cluster with the plan policy, the sealed model key and a registered device; no components yet.
@@ -92,12 +121,12 @@ impl Fixture {
             INTENT,
             EndpointKind::Openai,
             &model.base,
-            vec![recorder_server(&log)],
+            vec![recorder_with_token(&log)],
             tools,
         );
         edit(&mut policy);
         c.store.put_policy(policy).await.unwrap();
-        seal_model_key(&c).await;
+        seal_secrets(&c).await;
         let device = c.device("kiosk-1").await;
         Fixture {
             c,
@@ -442,6 +471,28 @@ async fn a_plan_on_the_distributed_worker_survives_a_sigkill_after_step_two_and_
     // Usage counts every model turn: four turns of 10 in / 5 out.
     let usage = t.status.usage.unwrap_or_default();
     assert_eq!((usage.input_tokens, usage.output_tokens), (40, 20));
+
+    // The MCP server's credential came from the KMS-sealed Secret (both workers' sessions got it),
+    // and it is nowhere else: not in a component's log, a step object or the task.
+    let want = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(MCP_TOKEN.as_bytes()));
+    for call in recorded(&f.log) {
+        assert_eq!(
+            call.token_sha256.as_deref(),
+            Some(want.as_str()),
+            "{call:?}"
+        );
+    }
+    for entry in std::fs::read_dir(f.c.logs.path()).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(
+            !text.contains(MCP_TOKEN),
+            "{} holds the MCP token",
+            entry.path().display()
+        );
+    }
+    let stored =
+        serde_json::to_string(&objects).unwrap() + &serde_json::to_string(&t.status).unwrap();
+    assert!(!stored.contains(MCP_TOKEN));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

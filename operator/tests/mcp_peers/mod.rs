@@ -106,6 +106,8 @@ pub struct Call {
     pub duplicate: bool,
     /// The recorder process that received it.
     pub pid: u32,
+    /// SHA-256 (hex) of the `RECORDER_TOKEN` the server was started with, if any.
+    pub token_sha256: Option<String>,
 }
 
 pub fn recorded(log: &Path) -> Vec<Call> {
@@ -122,6 +124,7 @@ pub fn recorded(log: &Path) -> Vec<Call> {
                 key: v["idempotencyKey"].as_str().unwrap_or("").to_owned(),
                 duplicate: v["duplicate"].as_bool().unwrap(),
                 pid: v["pid"].as_u64().unwrap() as u32,
+                token_sha256: v["tokenSha256"].as_str().map(str::to_owned),
             }
         })
         .collect()
