@@ -497,8 +497,6 @@ async fn hold(
     }
 }
 
-/// Sends the work item, then records Queued. In that order: a crash in between leaves a Pending task
-/// whose next reconcile sends again, and the task-id deduplication id makes that second send a no-op.
 /// The tier the task was admitted on (recorded in `status.model`), for sending it again.
 fn recorded_tier(task: &TaskRecord) -> Option<TierChoice> {
     task.status.model.as_ref().and_then(|m| {
@@ -534,6 +532,8 @@ pub(crate) async fn redispatch(
     }
 }
 
+/// Sends the work item, then records Queued. In that order: a crash in between leaves a Pending task
+/// whose next reconcile sends again, and the task-id deduplication id makes that second send a no-op.
 async fn enqueue(
     store: &dyn TaskStore,
     queue: &dyn TaskQueue,
@@ -551,6 +551,7 @@ async fn enqueue(
     enqueue_as(store, queue, task, tier, base, dedup_id).await
 }
 
+/// [`enqueue`] under an explicit deduplication id (which also names a GPU task's Job).
 async fn enqueue_as(
     store: &dyn TaskStore,
     queue: &dyn TaskQueue,
