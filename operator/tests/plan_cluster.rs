@@ -622,6 +622,25 @@ async fn gpu_task(f: &Fixture, operator: &str, prompt: &str) -> (cluster::Proc, 
     (op, id, jobs)
 }
 
+/// Waits until the task's recorded dispatch is the Job `name`.
+async fn wait_dispatched(c: &Cluster, id: &str, name: &str) {
+    let want = format!("job/{name}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = c.store.get_task(id).await.unwrap().unwrap();
+        let got = t.status.queue.as_ref().and_then(|q| q.message_id.clone());
+        if got.as_deref() == Some(want.as_str()) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id} never dispatched on {name}: {got:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs a Job's pod command (`agentplane worker --task NS/NAME`) to its end; returns its stdout.
 async fn run_pod(c: &Cluster, job: &Job) -> String {
     let out = c.run_command(&pod_args(job)).output().await.unwrap();
@@ -671,17 +690,7 @@ async fn a_gpu_plan_parked_for_approval_runs_the_approved_rest_on_a_job_of_its_o
     let second_name = dispatch_job_name(&id, Some(&format!("{id}/step/4")));
     assert_ne!(second_name, job_name(&id));
     let second = wait_for_job(&f.c, &jobs, &second_name).await;
-    let queued =
-        f.c.wait_phase(&id, |p| p == TaskPhase::Queued, Duration::from_secs(30))
-            .await;
-    assert_eq!(
-        queued
-            .status
-            .queue
-            .as_ref()
-            .and_then(|q| q.message_id.as_deref()),
-        Some(format!("job/{second_name}").as_str())
-    );
+    wait_dispatched(&f.c, &id, &second_name).await;
     // The operator does not take the first Job's completion for this dispatch's.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -781,18 +790,36 @@ async fn a_gpu_plan_suspended_mid_plan_frees_its_job_and_resumes_on_a_new_one_wh
         TaskPhase::Queued
     );
 
-    // Cleared: the operator runs the rest on a new Job, which resumes at step 4.
+    // Cleared: the operator sends the task again, on a new Job.
     suspend(false).await;
     let second = wait_for_job(&f.c, &jobs, &next).await;
-    let requeued = f.c.store.get_task(&id).await.unwrap().unwrap();
+    wait_dispatched(&f.c, &id, &next).await;
+
+    // Suspended again before that Job's pod runs: it hands the task back without running a step,
+    // and the Job is gone (its TTL ran out) by the time suspend is cleared.
+    suspend(true).await;
+    let out = run_pod(&f.c, &second).await;
+    assert!(out.contains("suspended"), "{out}");
+    assert_eq!(recorded(&f.log).len(), 1);
+    // As the TTL controller deletes it (background propagation: gone at once, no orphan finalizer).
+    jobs.delete(&next, &kube::api::DeleteParams::background())
+        .await
+        .unwrap();
+    let gone = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(next.as_bytes()));
+    let third_name = dispatch_job_name(&id, Some(&after_job_dispatch_id(&id, &gone)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(jobs.get_opt(&third_name).await.unwrap().is_none());
     assert_eq!(
-        requeued
-            .status
-            .queue
-            .as_ref()
-            .and_then(|q| q.message_id.as_deref()),
-        Some(format!("job/{next}").as_str())
+        f.c.store.get_task(&id).await.unwrap().unwrap().phase(),
+        TaskPhase::Queued,
+        "a handed-back task whose Job is gone waits while suspended"
     );
+    suspend(false).await;
+    let third = wait_for_job(&f.c, &jobs, &third_name).await;
+    wait_dispatched(&f.c, &id, &third_name).await;
+
+    // That one resumes the plan at step 4.
+    let second = third;
     let out = run_pod(&f.c, &second).await;
     assert!(out.contains("succeeded"), "{out}");
     let t = f.c.wait_terminal(&id).await;

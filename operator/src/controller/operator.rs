@@ -23,6 +23,7 @@ use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube_lease_manager::LeaseManagerBuilder;
+use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -419,11 +420,15 @@ async fn apply(obj: &AgentTask, ctx: &Context) -> Result<Action, ReconcileError>
     }
 }
 
-/// A GPU task out on its Job: fails the task when the Job failed (backoffLimit or deadline), was
-/// deleted, or completed while the task was Running (the pod writes the result before it exits 0).
-/// A Job that completed with the task handed back to Queued (suspended) is followed by a new Job
-/// once the namespace is no longer suspended. `None`: not a GPU task on a Job, or its Job is still going. The write is
-/// conditional on the version read, so a pod that completes the task meanwhile wins.
+/// How often a GPU task handed back by its Job looks again at whether suspend was cleared.
+const SUSPENDED_GPU_RECHECK: Duration = Duration::from_secs(5);
+
+/// A GPU task out on its Job: fails the task when the Job failed (backoffLimit or deadline), or
+/// was deleted or completed while the task was Running (the pod writes the result before it exits
+/// 0). A Job that ended with the task handed back to Queued (suspended) is followed by a new Job
+/// once the namespace is no longer suspended. `None`: not a GPU task on a Job, or its Job is still
+/// going. Writes are conditional on the version read, so a pod that completes the task meanwhile
+/// wins.
 async fn check_gpu_job(
     task: &crate::store::TaskRecord,
     ctx: &Context,
@@ -448,45 +453,57 @@ async fn check_gpu_job(
     let outcome = gpu_job::job_outcome(jobs, name).await.map_err(|e| {
         ControllerError::from(StoreError::Backend(format!("reading Job {name}: {e}")))
     })?;
+    // A Queued task whose Job ended (Complete) or is gone (its TTL ran out, or someone deleted it)
+    // was handed back before it ran or before its plan's next step (the namespace was suspended):
+    // it waits while suspended, then runs on a new Job named after the one that ended.
+    let ended = match &outcome {
+        JobOutcome::Complete { uid } => Some(uid.clone()),
+        JobOutcome::Missing => Some(hex::encode(sha2::Sha256::digest(name.as_bytes()))),
+        JobOutcome::Active | JobOutcome::Failed(_) => None,
+    };
+    if let Some(ended) = ended
+        && task.phase() == TaskPhase::Queued
+    {
+        let suspended = store
+            .get_policy()
+            .await
+            .map_err(ControllerError::from)?
+            .is_some_and(|p| p.suspend);
+        if suspended {
+            tracing::debug!(task = %task.id, job = %name, "GPU task handed back by its Job; waiting while the namespace is suspended");
+            // Clearing suspend changes the policy, not the task: look again soon rather than at
+            // the next resync.
+            return Ok(Some(Outcome::RequeueAfter(SUSPENDED_GPU_RECHECK)));
+        }
+        let made = jobs
+            .list(&ListParams::default().labels(&format!("{TASK_LABEL}={}", task.id)))
+            .await
+            .map_err(|e| {
+                ControllerError::from(StoreError::Backend(format!(
+                    "listing the Jobs of task {}: {e}",
+                    task.id
+                )))
+            })?
+            .items
+            .len();
+        if made < gpu_job::MAX_JOBS_PER_TASK {
+            let dedup_id = gpu_job::after_job_dispatch_id(&task.id, &ended);
+            tracing::info!(task = %task.id, job = %name, next = %dedup_id, "GPU task handed back by its Job; running it on a new one");
+            let outcome = redispatch(store, &*ctx.queue, task, dedup_id)
+                .await
+                .map_err(ReconcileError::from)?;
+            return Ok(Some(outcome));
+        }
+        let reason = format!(
+            "gpu_job_incomplete: Job {name} ended without finishing the task, and the task has had {made} Jobs already"
+        );
+        return Ok(Some(finish(store, task, TaskPhase::Failed, &reason).await?));
+    }
     let reason = match outcome {
         JobOutcome::Active => return Ok(None),
         JobOutcome::Failed(why) => format!("gpu_job_failed: Job {name} failed: {why}"),
         JobOutcome::Missing => {
             format!("gpu_job_missing: Job {name} is gone but the task never finished")
-        }
-        // The pod handed a Queued task back (the namespace was suspended before it ran, or
-        // before its plan's next step): it waits while suspended, then runs on a new Job.
-        JobOutcome::Complete { uid } if task.phase() == TaskPhase::Queued => {
-            let suspended = store
-                .get_policy()
-                .await
-                .map_err(ControllerError::from)?
-                .is_some_and(|p| p.suspend);
-            if suspended {
-                return Ok(Some(Outcome::Unchanged));
-            }
-            let made = jobs
-                .list(&ListParams::default().labels(&format!("{TASK_LABEL}={}", task.id)))
-                .await
-                .map_err(|e| {
-                    ControllerError::from(StoreError::Backend(format!(
-                        "listing the Jobs of task {}: {e}",
-                        task.id
-                    )))
-                })?
-                .items
-                .len();
-            if made < gpu_job::MAX_JOBS_PER_TASK {
-                let dedup_id = gpu_job::after_job_dispatch_id(&task.id, &uid);
-                tracing::info!(task = %task.id, job = %name, next = %dedup_id, "GPU task handed back by its Job; running it on a new one");
-                let outcome = redispatch(store, &*ctx.queue, task, dedup_id)
-                    .await
-                    .map_err(ReconcileError::from)?;
-                return Ok(Some(outcome));
-            }
-            format!(
-                "gpu_job_incomplete: Job {name} completed without finishing the task, and it has had {made} Jobs already"
-            )
         }
         JobOutcome::Complete { .. } => {
             format!("gpu_job_incomplete: Job {name} completed without finishing the task")
