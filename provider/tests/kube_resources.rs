@@ -1769,16 +1769,18 @@ fn example_local(client: &'static str, protocol: u32) {
             .await
             .is_some()
         );
-        assert!(
-            get(
-                &kc,
-                "agentplane.dev/v1alpha1",
-                "AgentPolicy",
-                &name,
-                "default"
-            )
-            .await
-            .is_some()
+        let pol = get(
+            &kc,
+            "agentplane.dev/v1alpha1",
+            "AgentPolicy",
+            &name,
+            "default",
+        )
+        .await
+        .expect("the example's AgentPolicy");
+        assert_eq!(
+            pol["spec"]["circuitBreaker"],
+            json!({"windowSeconds": 300, "failures": 5, "minTasks": 5})
         );
     });
 
