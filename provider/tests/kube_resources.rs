@@ -25,12 +25,13 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value as Json, json};
 use terraform_provider_agentplane::config::{AwsSettings, KubeSettings, ProviderData};
+use terraform_provider_agentplane::framework::diag::Severity;
 use terraform_provider_agentplane::framework::{
     AttrPath, Block, Diagnostics, Resource, Value, codec, plan,
 };
 use terraform_provider_agentplane::kube::FIELD_MANAGER;
 use terraform_provider_agentplane::platform_manifests::{self as pm, PlatformSpec};
-use terraform_provider_agentplane::resources::agent_policy::AgentPolicy;
+use terraform_provider_agentplane::resources::agent_policy::{AgentPolicy, manifest};
 use terraform_provider_agentplane::resources::edge_device::EdgeDevice;
 use terraform_provider_agentplane::resources::keda_scaler::KedaScaler;
 use terraform_provider_agentplane::resources::platform::Platform;
@@ -81,19 +82,26 @@ fn unique(what: &str) -> String {
 
 /// What Terraform would plan for creating `config` (validated as Terraform would).
 fn plan_create<R: Resource<ProviderData>>(r: &R, config: Json) -> Value {
+    let (p, d) = plan_unchecked(r, &config);
+    assert!(d.is_empty(), "config does not validate:\n{d}");
+    p
+}
+
+/// The plan for creating `config`, and what validating it as Terraform does reported (the plan
+/// is made whatever that says, to see what the API server makes of it).
+fn plan_unchecked<R: Resource<ProviderData>>(r: &R, config: &Json) -> (Value, Diagnostics) {
     let schema = r.schema();
-    let cfg = codec::from_json(&config, &schema.block.ty(), &AttrPath::root(), 0)
+    let cfg = codec::from_json(config, &schema.block.ty(), &AttrPath::root(), 0)
         .unwrap_or_else(|e| panic!("config does not decode: {e:?}"));
     let mut d = Diagnostics::new();
     schema
         .block
         .validate_config(&cfg, &AttrPath::root(), &mut d);
     r.validate(&cfg, &mut d);
-    assert!(d.is_empty(), "config does not validate:\n{d}");
     let cfg = empty_blocks(&schema.block, cfg);
     let mut p = plan::plan(&schema.block, &Value::Null, &cfg, &cfg).state;
     r.modify_plan(&Value::Null, &mut p, &cfg, &mut d);
-    p
+    (p, d)
 }
 
 /// Terraform sends an absent list block as `[]`, never null; so does this.
@@ -1825,7 +1833,152 @@ fn terraform_applies_the_local_example() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The agentic policy (issue 14) through OpenTofu
+// The agentic policy (issue 14)
+// ---------------------------------------------------------------------------------------------
+
+/// A policy config (as the library receives it) setting every agentic block.
+fn agentic_policy_config(ns: &str) -> Json {
+    let secret = json!([{"name": "mcp", "key": "token"}]);
+    json!({
+        "namespace": ns,
+        "max_steps": 32,
+        "intent": [{"type": "research", "max_steps": 8, "tool": [
+            {"server": "files", "name": "echo",
+             "rate_limit": [{"scope": "user", "requests": 3, "period_seconds": 60}]},
+        ]}],
+        "mcp_server": [
+            {"name": "files", "stdio": [{"command": "npx", "args": ["-y"], "env": [
+                {"name": "LOG_LEVEL", "value": "debug"},
+                {"name": "API_TOKEN", "secret_ref": secret},
+            ]}]},
+            {"name": "search", "http": [{"url": "https://search.example.com/mcp", "header": [
+                {"name": "Authorization", "secret_ref": secret},
+            ]}]},
+        ],
+        "circuit_breaker": [{"window_seconds": 300, "failure_percent": 50}],
+        "rego": [{"module": [
+            {"name": "admission.rego", "inline": "package agentplane"},
+            {"name": "tools.rego", "config_map_ref": [{"name": "rego", "key": "tools.rego"}]},
+        ]}],
+        "edge": [{"regulated": "refuse"}],
+    })
+}
+
+/// The provider's plan-time checks and the real API server's CRD agree: each config the
+/// provider refuses (at the path named here) is also refused by a strict server-side dry run of
+/// the manifest it would have sent, and the full config and a tool of an undeclared server (a
+/// warning only) are accepted by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentic_checks_agree_with_the_api_server() {
+    let stack = stack();
+    let client = stack.kube_client().await.unwrap();
+    agentplane_crds(&client).await;
+    let ns = unique("agentic-crd");
+    create_namespace(&client, &ns).await;
+    let good = agentic_policy_config(&ns);
+    let errors = |d: &Diagnostics| -> Vec<String> {
+        d.0.iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.path.as_ref().map(|p| p.to_string()).unwrap_or_default())
+            .collect()
+    };
+
+    let accepted = |config: &Json| {
+        let (planned, d) = plan_unchecked(&AgentPolicy, config);
+        (errors(&d), planned, d)
+    };
+    let (errs, planned, _) = accepted(&good);
+    assert!(errs.is_empty(), "{errs:?}");
+    let m = manifest(&planned).unwrap();
+    strict_dry_run(&client, &m)
+        .await
+        .unwrap_or_else(|e| panic!("the API server refuses the full agentic policy: {e}"));
+    let mut undeclared = good.clone();
+    undeclared["intent"][0]["tool"][0]["server"] = json!("nowhere");
+    let (errs, planned, d) = accepted(&undeclared);
+    assert!(errs.is_empty() && d.0.len() == 1, "{d}");
+    strict_dry_run(&client, &manifest(&planned).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("a tool of an undeclared server is refused: {e}"));
+
+    type Edit = fn(&mut Json);
+    let cases: [(&str, Edit); 16] = [
+        ("max_steps", |c| c["max_steps"] = json!(257)),
+        ("intent[0].max_steps", |c| {
+            c["intent"][0]["max_steps"] = json!(0)
+        }),
+        ("mcp_server[0].http", |c| {
+            c["mcp_server"][0]["http"] = json!([{"url": "https://files.example.com/mcp"}])
+        }),
+        ("mcp_server[1].name", |c| {
+            c["mcp_server"][1]["http"] = json!([])
+        }),
+        ("mcp_server[1].http[0].url", |c| {
+            c["mcp_server"][1]["http"][0]["url"] = json!("http://search.example.com/mcp")
+        }),
+        ("mcp_server[0].name", |c| {
+            c["mcp_server"][0]["name"] = json!("Files_1")
+        }),
+        ("mcp_server[1].name", |c| {
+            c["mcp_server"][1]["name"] = json!("files")
+        }),
+        ("mcp_server[0].max_tools", |c| {
+            c["mcp_server"][0]["max_tools"] = json!(4097)
+        }),
+        ("mcp_server[0].stdio[0].env[0].secret_ref", |c| {
+            c["mcp_server"][0]["stdio"][0]["env"][0]["secret_ref"] =
+                json!([{"name": "mcp", "key": "log"}])
+        }),
+        ("mcp_server[0].stdio[0].env[1].name", |c| {
+            c["mcp_server"][0]["stdio"][0]["env"][1]["name"] = json!("LOG_LEVEL")
+        }),
+        ("circuit_breaker[0].window_seconds", |c| {
+            c["circuit_breaker"][0]["failure_percent"] = Json::Null
+        }),
+        ("circuit_breaker[0].failure_percent", |c| {
+            c["circuit_breaker"][0]["failure_percent"] = json!(101)
+        }),
+        ("rego[0].query", |c| {
+            c["rego"][0]["query"] = json!("agentplane.decision")
+        }),
+        ("rego[0].module[1].config_map_ref", |c| {
+            c["rego"][0]["module"][1]["inline"] = json!("package x")
+        }),
+        ("rego[0].module[0].name", |c| {
+            c["rego"][0]["module"][0]["inline"] = Json::Null
+        }),
+        ("rego[0].module[1].name", |c| {
+            c["rego"][0]["module"][1]["name"] = json!("admission.rego")
+        }),
+    ];
+    for (path, edit) in cases {
+        let mut config = good.clone();
+        edit(&mut config);
+        let (errs, planned, d) = accepted(&config);
+        assert!(errs.contains(&path.to_string()), "{path}: {d}");
+        let m = manifest(&planned).unwrap();
+        match strict_dry_run(&client, &m).await {
+            // A duplicate list-map key fails server-side apply's typed patch (a 500 naming it).
+            Err(kube::Error::Api(e))
+                if e.code == 422 || e.message.contains("duplicate entries for key") => {}
+            other => panic!(
+                "{path}: the API server did not refuse {}: {other:?}",
+                m["spec"]
+            ),
+        }
+    }
+    // An unknown route cannot even be encoded as the API type; the API server refuses it too.
+    let mut bad = good.clone();
+    bad["edge"][0]["regulated"] = json!("bogus");
+    assert_eq!(errors(&accepted(&bad).2), vec!["edge[0].regulated"]);
+    let mut m = manifest(&plan_create(&AgentPolicy, good.clone())).unwrap();
+    m["spec"]["edge"]["regulated"] = json!("bogus");
+    let err = strict_dry_run(&client, &m).await.unwrap_err();
+    assert!(err.to_string().contains("regulated"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agentic policy (issue 14) through OpenTofu and Terraform
 // ---------------------------------------------------------------------------------------------
 
 /// One bad input of the agentic policy, each something the API server's CRD refuses.
