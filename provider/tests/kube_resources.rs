@@ -11,7 +11,8 @@
 //!   in-place update, ForceNew replacement, import, out-of-band delete -> recreate, a conflict
 //!   reported and then forced, destroy leaving nothing behind; and (OpenTofu only) the
 //!   operator's audit log: the Deployment/StatefulSet switch and the storage change refused at
-//!   plan.
+//!   plan; and (both clients) every agentic field of `agentplane_agent_policy` (issue 14): read
+//!   back, drift from hand edits, and the CRD's rules enforced at plan.
 
 mod common;
 
@@ -24,12 +25,13 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value as Json, json};
 use terraform_provider_agentplane::config::{AwsSettings, KubeSettings, ProviderData};
+use terraform_provider_agentplane::framework::diag::Severity;
 use terraform_provider_agentplane::framework::{
     AttrPath, Block, Diagnostics, Resource, Value, codec, plan,
 };
 use terraform_provider_agentplane::kube::FIELD_MANAGER;
 use terraform_provider_agentplane::platform_manifests::{self as pm, PlatformSpec};
-use terraform_provider_agentplane::resources::agent_policy::AgentPolicy;
+use terraform_provider_agentplane::resources::agent_policy::{AgentPolicy, manifest};
 use terraform_provider_agentplane::resources::edge_device::EdgeDevice;
 use terraform_provider_agentplane::resources::keda_scaler::KedaScaler;
 use terraform_provider_agentplane::resources::platform::Platform;
@@ -80,19 +82,26 @@ fn unique(what: &str) -> String {
 
 /// What Terraform would plan for creating `config` (validated as Terraform would).
 fn plan_create<R: Resource<ProviderData>>(r: &R, config: Json) -> Value {
+    let (p, d) = plan_unchecked(r, &config);
+    assert!(d.is_empty(), "config does not validate:\n{d}");
+    p
+}
+
+/// The plan for creating `config`, and what validating it as Terraform does reported (the plan
+/// is made whatever that says, to see what the API server makes of it).
+fn plan_unchecked<R: Resource<ProviderData>>(r: &R, config: &Json) -> (Value, Diagnostics) {
     let schema = r.schema();
-    let cfg = codec::from_json(&config, &schema.block.ty(), &AttrPath::root(), 0)
+    let cfg = codec::from_json(config, &schema.block.ty(), &AttrPath::root(), 0)
         .unwrap_or_else(|e| panic!("config does not decode: {e:?}"));
     let mut d = Diagnostics::new();
     schema
         .block
         .validate_config(&cfg, &AttrPath::root(), &mut d);
     r.validate(&cfg, &mut d);
-    assert!(d.is_empty(), "config does not validate:\n{d}");
     let cfg = empty_blocks(&schema.block, cfg);
     let mut p = plan::plan(&schema.block, &Value::Null, &cfg, &cfg).state;
     r.modify_plan(&Value::Null, &mut p, &cfg, &mut d);
-    p
+    (p, d)
 }
 
 /// Terraform sends an absent list block as `[]`, never null; so does this.
@@ -1768,16 +1777,18 @@ fn example_local(client: &'static str, protocol: u32) {
             .await
             .is_some()
         );
-        assert!(
-            get(
-                &kc,
-                "agentplane.dev/v1alpha1",
-                "AgentPolicy",
-                &name,
-                "default"
-            )
-            .await
-            .is_some()
+        let pol = get(
+            &kc,
+            "agentplane.dev/v1alpha1",
+            "AgentPolicy",
+            &name,
+            "default",
+        )
+        .await
+        .expect("the example's AgentPolicy");
+        assert_eq!(
+            pol["spec"]["circuitBreaker"],
+            json!({"windowSeconds": 300, "failures": 5, "minTasks": 5})
         );
     });
 
@@ -1819,4 +1830,495 @@ fn tofu_applies_the_local_example() {
 #[test]
 fn terraform_applies_the_local_example() {
     example_local("terraform", 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agentic policy (issue 14)
+// ---------------------------------------------------------------------------------------------
+
+/// A policy config (as the library receives it) setting every agentic block.
+fn agentic_policy_config(ns: &str) -> Json {
+    let secret = json!([{"name": "mcp", "key": "token"}]);
+    json!({
+        "namespace": ns,
+        "max_steps": 32,
+        "intent": [{"type": "research", "max_steps": 8, "tool": [
+            {"server": "files", "name": "echo",
+             "rate_limit": [{"scope": "user", "requests": 3, "period_seconds": 60}]},
+        ]}],
+        "mcp_server": [
+            {"name": "files", "stdio": [{"command": "npx", "args": ["-y"], "env": [
+                {"name": "LOG_LEVEL", "value": "debug"},
+                {"name": "API_TOKEN", "secret_ref": secret},
+            ]}]},
+            {"name": "search", "http": [{"url": "https://search.example.com/mcp", "header": [
+                {"name": "Authorization", "secret_ref": secret},
+            ]}]},
+        ],
+        "circuit_breaker": [{"window_seconds": 300, "failure_percent": 50}],
+        "rego": [{"module": [
+            {"name": "admission.rego", "inline": "package agentplane"},
+            {"name": "tools.rego", "config_map_ref": [{"name": "rego", "key": "tools.rego"}]},
+        ]}],
+        "edge": [{"regulated": "refuse"}],
+    })
+}
+
+/// The provider's plan-time checks and the real API server's CRD agree: each config the
+/// provider refuses (at the path named here) is also refused by a strict server-side dry run of
+/// the manifest it would have sent, and the full config and a tool of an undeclared server (a
+/// warning only) are accepted by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentic_checks_agree_with_the_api_server() {
+    let stack = stack();
+    let client = stack.kube_client().await.unwrap();
+    agentplane_crds(&client).await;
+    let ns = unique("agentic-crd");
+    create_namespace(&client, &ns).await;
+    let good = agentic_policy_config(&ns);
+    let errors = |d: &Diagnostics| -> Vec<String> {
+        d.0.iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.path.as_ref().map(|p| p.to_string()).unwrap_or_default())
+            .collect()
+    };
+
+    let accepted = |config: &Json| {
+        let (planned, d) = plan_unchecked(&AgentPolicy, config);
+        (errors(&d), planned, d)
+    };
+    let (errs, planned, _) = accepted(&good);
+    assert!(errs.is_empty(), "{errs:?}");
+    let m = manifest(&planned).unwrap();
+    strict_dry_run(&client, &m)
+        .await
+        .unwrap_or_else(|e| panic!("the API server refuses the full agentic policy: {e}"));
+    let mut undeclared = good.clone();
+    undeclared["intent"][0]["tool"][0]["server"] = json!("nowhere");
+    let (errs, planned, d) = accepted(&undeclared);
+    assert!(errs.is_empty() && d.0.len() == 1, "{d}");
+    strict_dry_run(&client, &manifest(&planned).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("a tool of an undeclared server is refused: {e}"));
+
+    type Edit = fn(&mut Json);
+    let cases: [(&str, Edit); 16] = [
+        ("max_steps", |c| c["max_steps"] = json!(257)),
+        ("intent[0].max_steps", |c| {
+            c["intent"][0]["max_steps"] = json!(0)
+        }),
+        ("mcp_server[0].http", |c| {
+            c["mcp_server"][0]["http"] = json!([{"url": "https://files.example.com/mcp"}])
+        }),
+        ("mcp_server[1].name", |c| {
+            c["mcp_server"][1]["http"] = json!([])
+        }),
+        ("mcp_server[1].http[0].url", |c| {
+            c["mcp_server"][1]["http"][0]["url"] = json!("http://search.example.com/mcp")
+        }),
+        ("mcp_server[0].name", |c| {
+            c["mcp_server"][0]["name"] = json!("Files_1")
+        }),
+        ("mcp_server[1].name", |c| {
+            c["mcp_server"][1]["name"] = json!("files")
+        }),
+        ("mcp_server[0].max_tools", |c| {
+            c["mcp_server"][0]["max_tools"] = json!(4097)
+        }),
+        ("mcp_server[0].stdio[0].env[0].secret_ref", |c| {
+            c["mcp_server"][0]["stdio"][0]["env"][0]["secret_ref"] =
+                json!([{"name": "mcp", "key": "log"}])
+        }),
+        ("mcp_server[0].stdio[0].env[1].name", |c| {
+            c["mcp_server"][0]["stdio"][0]["env"][1]["name"] = json!("LOG_LEVEL")
+        }),
+        ("circuit_breaker[0].window_seconds", |c| {
+            c["circuit_breaker"][0]["failure_percent"] = Json::Null
+        }),
+        ("circuit_breaker[0].failure_percent", |c| {
+            c["circuit_breaker"][0]["failure_percent"] = json!(101)
+        }),
+        ("rego[0].query", |c| {
+            c["rego"][0]["query"] = json!("agentplane.decision")
+        }),
+        ("rego[0].module[1].config_map_ref", |c| {
+            c["rego"][0]["module"][1]["inline"] = json!("package x")
+        }),
+        ("rego[0].module[0].name", |c| {
+            c["rego"][0]["module"][0]["inline"] = Json::Null
+        }),
+        ("rego[0].module[1].name", |c| {
+            c["rego"][0]["module"][1]["name"] = json!("admission.rego")
+        }),
+    ];
+    for (path, edit) in cases {
+        let mut config = good.clone();
+        edit(&mut config);
+        let (errs, planned, d) = accepted(&config);
+        assert!(errs.contains(&path.to_string()), "{path}: {d}");
+        let m = manifest(&planned).unwrap();
+        match strict_dry_run(&client, &m).await {
+            // A duplicate list-map key fails server-side apply's typed patch (a 500 naming it).
+            Err(kube::Error::Api(e))
+                if e.code == 422 || e.message.contains("duplicate entries for key") => {}
+            other => panic!(
+                "{path}: the API server did not refuse {}: {other:?}",
+                m["spec"]
+            ),
+        }
+    }
+    // An unknown route cannot even be encoded as the API type; the API server refuses it too.
+    let mut bad = good.clone();
+    bad["edge"][0]["regulated"] = json!("bogus");
+    assert_eq!(errors(&accepted(&bad).2), vec!["edge[0].regulated"]);
+    let mut m = manifest(&plan_create(&AgentPolicy, good.clone())).unwrap();
+    m["spec"]["edge"]["regulated"] = json!("bogus");
+    let err = strict_dry_run(&client, &m).await.unwrap_err();
+    assert!(err.to_string().contains("regulated"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agentic policy (issue 14) through OpenTofu and Terraform
+// ---------------------------------------------------------------------------------------------
+
+/// One bad input of the agentic policy, each something the API server's CRD refuses.
+#[derive(Clone, Copy, PartialEq)]
+enum AgenticBad {
+    None,
+    TwoTransports,
+    InsecureUrl,
+    NoTrigger,
+    BothModuleSources,
+    BogusRegulated,
+}
+
+impl Workspace {
+    /// A policy setting every agentic block (and `bad`, if any), in the workspace's namespace;
+    /// `force` takes fields over from other field managers.
+    fn agentic_config(&self, bad: AgenticBad, force: bool) {
+        let server = env(self.stack, "AGENTPLANE_KUBE_SERVER");
+        let ns = self.ns();
+        let pick = |b: AgenticBad, bad_text: &'static str, good: &'static str| {
+            if bad == b { bad_text } else { good }
+        };
+        let second_transport = pick(
+            AgenticBad::TwoTransports,
+            "    http {\n      url = \"https://files.example.com/mcp\"\n    }\n",
+            "",
+        );
+        let url = pick(
+            AgenticBad::InsecureUrl,
+            "http://search.example.com/mcp",
+            "https://search.example.com/mcp",
+        );
+        let triggers = pick(
+            AgenticBad::NoTrigger,
+            "",
+            "    failures     = 5\n    spend_micros = 1000000\n",
+        );
+        let module_inline = pick(
+            AgenticBad::BothModuleSources,
+            "      inline = \"package agentplane\"\n",
+            "",
+        );
+        let regulated = pick(AgenticBad::BogusRegulated, "bogus", "local");
+        let tf = format!(
+            r#"{provider}
+resource "agentplane_agent_policy" "pol" {{
+  namespace = "{ns}"
+  max_steps = 32
+  approvers = ["alice"]
+  force     = {force}
+
+  intent {{
+    type      = "research"
+    max_steps = 8
+    tool {{
+      server = "files"
+      name   = "echo"
+    }}
+    tool {{
+      server            = "search"
+      name              = "delete"
+      requires_approval = true
+      rate_limit {{
+        scope          = "user"
+        requests       = 3
+        period_seconds = 60
+      }}
+    }}
+  }}
+
+  mcp_server {{
+    name = "files"
+    stdio {{
+      command = "npx"
+      args    = ["-y", "@modelcontextprotocol/server-everything"]
+      env {{
+        name  = "LOG_LEVEL"
+        value = "debug"
+      }}
+      env {{
+        name = "API_TOKEN"
+        secret_ref {{
+          name = "mcp-files"
+          key  = "token"
+        }}
+      }}
+    }}
+{second_transport}  }}
+  mcp_server {{
+    name                 = "search"
+    call_timeout_seconds = 5
+    max_result_bytes     = 65536
+    max_tools            = 16
+    http {{
+      url = "{url}"
+      header {{
+        name = "Authorization"
+        secret_ref {{
+          name = "mcp-search"
+          key  = "bearer"
+        }}
+      }}
+    }}
+  }}
+
+  circuit_breaker {{
+    window_seconds = 300
+{triggers}  }}
+
+  rego {{
+    module {{
+      name   = "admission.rego"
+      inline = "package agentplane\n\ndefault decision := {{\"allow\": true}}\n"
+    }}
+    module {{
+      name = "tools.rego"
+{module_inline}      config_map_ref {{
+        name = "rego"
+        key  = "tools.rego"
+      }}
+    }}
+  }}
+
+  edge {{
+    regulated = "{regulated}"
+  }}
+}}
+"#,
+            provider = self.provider_block(&server),
+        );
+        std::fs::write(self.dir.path().join("main.tf"), tf).unwrap();
+    }
+}
+
+/// Every agentic block through a real client against the real kube-apiserver: the AgentPolicy
+/// holds each field as configured (secrets as references only), the next plan is empty, hand
+/// edits of new fields plan as drift and the apply restores them (a removed block at once,
+/// changed values once `force` takes them back from the editor's field manager), and each bad
+/// input the CRD would refuse is refused at plan with its attribute path and source line.
+fn agentic_policy(client: &'static str, protocol: u32) {
+    let ws = Workspace::new(client, protocol, "agentic");
+    let ns = ws.ns().to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kc = rt.block_on(async {
+        let c = ws.stack.kube_client().await.unwrap();
+        agentplane_crds(&c).await;
+        create_namespace(&c, &ns).await;
+        c
+    });
+    let live = |kc: &kube::Client| {
+        rt.block_on(get(
+            kc,
+            "agentplane.dev/v1alpha1",
+            "AgentPolicy",
+            &ns,
+            "default",
+        ))
+        .expect("the AgentPolicy exists")
+    };
+
+    ws.agentic_config(AgenticBad::None, false);
+    ws.init();
+    ws.apply();
+    let pol = live(&kc);
+    let spec = &pol["spec"];
+    assert_eq!(spec["maxSteps"], 32);
+    assert_eq!(
+        spec["intents"][0]["tools"],
+        json!([
+            {"server": "files", "name": "echo", "requiresApproval": false},
+            {"server": "search", "name": "delete", "requiresApproval": true,
+             "rateLimits": [{"scope": "user", "requests": 3, "periodSeconds": 60}]},
+        ])
+    );
+    assert_eq!(spec["intents"][0]["maxSteps"], 8);
+    assert_eq!(
+        spec["mcpServers"],
+        json!([
+            {"name": "files", "callTimeoutSeconds": 30, "maxResultBytes": 1_048_576, "maxTools": 256,
+             "stdio": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-everything"],
+                       "env": [{"name": "LOG_LEVEL", "value": "debug"},
+                               {"name": "API_TOKEN", "secretRef": {"name": "mcp-files", "key": "token"}}]}},
+            {"name": "search", "callTimeoutSeconds": 5, "maxResultBytes": 65536, "maxTools": 16,
+             "http": {"url": "https://search.example.com/mcp",
+                      "headers": [{"name": "Authorization",
+                                   "secretRef": {"name": "mcp-search", "key": "bearer"}}]}},
+        ])
+    );
+    assert_eq!(
+        spec["circuitBreaker"],
+        json!({"windowSeconds": 300, "failures": 5, "spendMicros": 1_000_000, "minTasks": 5})
+    );
+    assert_eq!(spec["rego"]["query"], "data.agentplane.decision");
+    assert_eq!(
+        spec["rego"]["modules"][0]["inline"],
+        "package agentplane\n\ndefault decision := {\"allow\": true}\n"
+    );
+    assert_eq!(
+        spec["rego"]["modules"][1],
+        json!({"name": "tools.rego", "configMapRef": {"name": "rego", "key": "tools.rego"}})
+    );
+    assert_eq!(spec["edge"], json!({"regulated": "local"}));
+    ws.assert_empty_plan("applying every agentic block");
+
+    // Hand edits, as `kubectl edit` sends them (merge patches by another field manager). A
+    // removed block is drift the next apply puts back.
+    let hand_edit = |patch: Json| {
+        rt.block_on(async {
+            api(&kc, "agentplane.dev/v1alpha1", "AgentPolicy", Some(&ns))
+                .patch(
+                    "default",
+                    &PatchParams {
+                        field_manager: Some("kubectl-edit".into()),
+                        ..Default::default()
+                    },
+                    &Patch::Merge(patch),
+                )
+                .await
+                .unwrap()
+        })
+    };
+    hand_edit(json!({"spec": {"rego": null, "maxSteps": 64}}));
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        plan.contains("agentplane_agent_policy.pol will be updated in-place")
+            && plan.contains("+ rego {")
+            && plan.contains("64 -> 32"),
+        "{plan}"
+    );
+    let out = ws.fails(&["apply", "-no-color", "-input=false", "-auto-approve"]);
+    assert!(
+        out.contains(".spec.maxSteps is owned by field manager \"kubectl-edit\"")
+            && !out.contains(".spec.rego"),
+        "a changed field is the editor's, a removed one nobody's:\n{out}"
+    );
+
+    // Changed values are fields the editor now owns: the apply names them and their manager,
+    // and `force = true` takes them back.
+    hand_edit(json!({"spec": {
+        "edge": {"regulated": "refuse"},
+        "circuitBreaker": {"failures": 50},
+    }}));
+    let (code, plan) = ws.plan();
+    assert_eq!(code, 2, "{plan}");
+    assert!(plan.contains(r#""refuse" -> "local""#), "{plan}");
+    assert!(plan.contains("50 -> 5"), "{plan}");
+    assert!(
+        plan.contains("0 to add, 1 to change, 0 to destroy"),
+        "{plan}"
+    );
+    let out = ws.fails(&["apply", "-no-color", "-input=false", "-auto-approve"]);
+    for field in [
+        ".spec.circuitBreaker.failures",
+        ".spec.edge.regulated",
+        ".spec.maxSteps",
+    ] {
+        assert!(
+            out.contains(&format!(
+                "{field} is owned by field manager \"kubectl-edit\""
+            )),
+            "{field} in:\n{out}"
+        );
+    }
+    ws.agentic_config(AgenticBad::None, true);
+    ws.apply();
+    let pol = live(&kc);
+    assert_eq!(pol["spec"]["edge"]["regulated"], "local");
+    assert_eq!(pol["spec"]["circuitBreaker"]["failures"], 5);
+    assert_eq!(pol["spec"]["maxSteps"], 32);
+    assert_eq!(
+        pol["spec"]["rego"]["modules"].as_array().map(Vec::len),
+        Some(2)
+    );
+    ws.assert_empty_plan("restoring the hand-edited fields");
+
+    // Bad inputs never reach the API server: plan refuses them with the attribute's path, and
+    // the client points at the configuration line it comes from.
+    for (bad, summary, detail, line) in [
+        (
+            AgenticBad::TwoTransports,
+            "One MCP transport",
+            "mcp_server[0] sets both `stdio` and `http`",
+            "http {",
+        ),
+        (
+            AgenticBad::InsecureUrl,
+            "Insecure MCP server URL",
+            "mcp_server[1].http[0].url: remote MCP servers must use https",
+            r#"url = "http://search.example.com/mcp""#,
+        ),
+        (
+            AgenticBad::NoTrigger,
+            "Circuit breaker without a trigger",
+            "circuit_breaker[0] needs at least one of",
+            "window_seconds = 300",
+        ),
+        (
+            AgenticBad::BothModuleSources,
+            "One Rego module source",
+            "rego[0].module[1] sets both `inline` and `config_map_ref`",
+            "config_map_ref {",
+        ),
+        (
+            AgenticBad::BogusRegulated,
+            "Invalid value",
+            r#"edge[0].regulated must be one of local, cloud, refuse, got "bogus""#,
+            r#"regulated = "bogus""#,
+        ),
+    ] {
+        ws.agentic_config(bad, true);
+        let text = ws.fails(&["plan", "-no-color", "-input=false"]);
+        for want in [summary, detail, line] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+    // Nothing of the refused plans reached the object.
+    assert_eq!(live(&kc)["spec"], pol["spec"]);
+
+    ws.agentic_config(AgenticBad::None, true);
+    let out = ws.destroy();
+    assert!(out.contains("1 destroyed"), "{out}");
+    assert!(
+        rt.block_on(get(
+            &kc,
+            "agentplane.dev/v1alpha1",
+            "AgentPolicy",
+            &ns,
+            "default"
+        ))
+        .is_none()
+    );
+}
+
+#[test]
+fn tofu_agentic_policy_round_trips_and_refuses_bad_input() {
+    agentic_policy("tofu", 6);
+}
+
+#[test]
+fn terraform_agentic_policy_round_trips_and_refuses_bad_input() {
+    agentic_policy("terraform", 5);
 }

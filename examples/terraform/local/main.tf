@@ -118,4 +118,11 @@ resource "agentplane_agent_policy" "default" {
     limit_micros = 1000000
     period       = "Day"
   }
+
+  # Five failed tasks within five minutes suspend the namespace (`suspend` becomes true and the
+  # policy's status records why); set `suspend = false` again to resume.
+  circuit_breaker {
+    window_seconds = 300
+    failures       = 5
+  }
 }

@@ -1,5 +1,6 @@
 //! `agentplane_agent_policy`: an `AgentPolicy` (admission, privacy, rate limits, model tier
-//! ladder, budgets, approvers, the suspend switch), written by server-side apply.
+//! ladder, budgets, approvers, the suspend switch, and the agentic fields of
+//! `agent_policy_agentic`), written by server-side apply.
 //!
 //! The spec is built as `agentplane_api::AgentPolicySpec`, so what reaches the cluster is
 //! exactly the runtime's type; the CRD's own validation (CEL rules, enums, list maps) runs on
@@ -7,10 +8,11 @@
 
 use std::collections::BTreeMap;
 
-use agentplane_api::policy::{AgentPolicySpec, ModelTier};
+use agentplane_api::policy::{AgentPolicySpec, ModelTier, RateLimit};
 use async_trait::async_trait;
 use serde_json::{Value as Json, json};
 
+use super::agent_policy_agentic as agentic;
 use super::label;
 use crate::config::ProviderData;
 use crate::framework::{
@@ -59,19 +61,58 @@ pub fn model_tier_block() -> Block {
         .attr(Attribute::number("price_per_1k_output_micros").default(Value::int(0)).validate(Validator::IntRange(0, i64::MAX)).describe("Price per 1,000 output tokens in millionths of the currency unit."))
         .attr(string_list("privacy_levels").optional().describe("Privacy levels this tier may serve (`private`, `regulated`, `public`); unset means any."))
         .attr(Attribute::bool("gpu").default(Value::Bool(false)).describe("The tier runs on the GPU node pool."))
-        .block(NestedBlock {
-            type_name: "secret_ref",
-            block: Block::new("Secret holding the endpoint's API key.")
-                .attr(Attribute::string("name").required().validate(Validator::LenRange(1, 253)))
-                .attr(Attribute::string("key").required().validate(Validator::LenRange(1, 253))),
-            nesting: Nesting::List,
-            min_items: 0,
-            max_items: 1,
-        })
+        .block(key_ref_block("secret_ref", "Secret holding the endpoint's API key."))
 }
 
-fn schema_block() -> Block {
-    let rate_limit = Block::new("A rate limit on this intent type.")
+/// An at-most-one `{name, key}` block: a key of a Secret or ConfigMap in the policy's namespace.
+pub fn key_ref_block(type_name: &'static str, description: &'static str) -> NestedBlock {
+    let block = Block::new(description)
+        .attr(
+            Attribute::string("name")
+                .required()
+                .validate(Validator::LenRange(1, 253)),
+        )
+        .attr(
+            Attribute::string("key")
+                .required()
+                .validate(Validator::LenRange(1, 253)),
+        );
+    list_block(type_name, block, 1)
+}
+
+/// The `{name, key}` of a [`key_ref_block`] value as API JSON, `None` when the block is absent.
+pub fn key_ref_json(v: &Value) -> Option<Json> {
+    k::items(v)
+        .first()
+        .map(|s| json!({ "name": s.get("name").as_str(), "key": s.get("key").as_str() }))
+}
+
+/// A `{name, key}` reference as a [`key_ref_block`] value (an empty list when absent).
+pub fn key_ref_value(name_key: Option<(&str, &str)>) -> Value {
+    Value::List(
+        name_key
+            .map(|(name, key)| {
+                Value::Object(BTreeMap::from([
+                    ("name".into(), Value::string(name)),
+                    ("key".into(), Value::string(key)),
+                ]))
+            })
+            .into_iter()
+            .collect(),
+    )
+}
+
+/// The CRD's rule for remote endpoints (model tiers, MCP servers): https, or plain http to the
+/// loopback names it lists.
+pub fn is_secure_url(url: &str) -> bool {
+    url.starts_with("https://")
+        || url.starts_with("http://127.0.0.1")
+        || url.starts_with("http://localhost")
+}
+
+/// The block of one rate limit, shared by intent rules and their tools.
+fn rate_limit_block(description: &'static str) -> Block {
+    Block::new(description)
         .attr(
             Attribute::string("scope")
                 .required()
@@ -89,14 +130,52 @@ fn schema_block() -> Block {
                 .required()
                 .validate(Validator::IntRange(1, MAX_RATE_PERIOD))
                 .describe("Window length, 1 s to 31 days."),
-        );
+        )
+}
+
+/// `rate_limit` blocks as API JSON.
+pub(super) fn rate_limits_json(v: &Value) -> Vec<Json> {
+    k::items(v.get("rate_limit"))
+        .iter()
+        .map(|r| {
+            json!({
+                "scope": r.get("scope").as_str(),
+                "requests": num(r, "requests"),
+                "periodSeconds": num(r, "period_seconds"),
+            })
+        })
+        .collect()
+}
+
+/// API rate limits as `rate_limit` blocks.
+pub(super) fn rate_limits_value(limits: &[RateLimit]) -> Value {
+    Value::List(
+        limits
+            .iter()
+            .map(|l| {
+                Value::Object(BTreeMap::from([
+                    ("scope".into(), Value::string(enum_str(&l.scope))),
+                    ("requests".into(), Value::int(i64::from(l.requests))),
+                    (
+                        "period_seconds".into(),
+                        Value::int(i64::from(l.period_seconds)),
+                    ),
+                ]))
+            })
+            .collect(),
+    )
+}
+
+fn schema_block() -> Block {
     let intent = Block::new("The rule for one intent type.")
         .attr(Attribute::string("type").required().validate(Validator::LenRange(1, 63)).describe("Intent type, e.g. `summarize`."))
         .attr(Attribute::bool("allowed").default(Value::Bool(true)).describe("Whether the intent type is admitted at all."))
         .attr(Attribute::bool("requires_approval").default(Value::Bool(false)).describe("Tasks wait in AwaitingApproval until an approver decides."))
         .attr(string_list("privacy_levels").optional().describe("Privacy levels this intent may use; unset means any."))
         .attr(Attribute::string("on_rate_limit").default(Value::string("Deny")).validate(Validator::OneOf(&["Deny", "Hold"])).describe("`Deny` (with a retry-after) or `Hold` (stay Pending until the window has room)."))
-        .block(list_block("rate_limit", rate_limit, 3));
+        .attr(agentic::max_steps_attr("Lowers the policy's `max_steps` for this intent."))
+        .block(list_block("rate_limit", rate_limit_block("A rate limit on this intent type."), 3))
+        .block(list_block("tool", agentic::tool_block(rate_limit_block("Calls of this tool allowed per window; a call over the limit goes back to the model as an error.")), 128));
     let budget = Block::new("A spend limit; over budget means the next cheaper tier.")
         .attr(
             Attribute::string("scope")
@@ -127,6 +206,11 @@ fn schema_block() -> Block {
         .block(list_block("intent", intent, 128))
         .block(list_block("model", model_tier_block(), 16))
         .block(list_block("budget", budget, 32))
+        .attr(agentic::max_steps_attr("Most plan steps (model calls plus tool calls) one task may take; unset means 16."))
+        .block(list_block("mcp_server", agentic::mcp_server_block(), 32))
+        .block(list_block("circuit_breaker", agentic::circuit_breaker_block(), 1))
+        .block(list_block("rego", agentic::rego_block(), 1))
+        .block(list_block("edge", agentic::edge_block(), 1))
 }
 
 fn check_list(v: &Value, allowed: &[&str], path: AttrPath, max: usize, diags: &mut Diagnostics) {
@@ -169,9 +253,7 @@ pub fn validate_tiers(tiers: &[Value], path: &AttrPath, diags: &mut Diagnostics)
         if let (Some(kind), Some(ep)) =
             (t.get("endpoint_kind").as_str(), t.get("endpoint").as_str())
             && kind != "builtin"
-            && !(ep.starts_with("https://")
-                || ep.starts_with("http://127.0.0.1")
-                || ep.starts_with("http://localhost"))
+            && !is_secure_url(ep)
         {
             diags.attr_error(
                 p.join("endpoint"),
@@ -189,15 +271,13 @@ pub fn validate_tiers(tiers: &[Value], path: &AttrPath, diags: &mut Diagnostics)
     }
 }
 
-fn num(v: &Value, name: &str) -> i64 {
+pub(super) fn num(v: &Value, name: &str) -> i64 {
     v.get(name).as_i64().unwrap_or(0)
 }
 
 /// A model tier block as the API type.
 pub fn tier_from_value(t: &Value) -> Result<ModelTier, String> {
-    let secret = k::items(t.get("secret_ref"))
-        .first()
-        .map(|s| json!({ "name": s.get("name").as_str(), "key": s.get("key").as_str() }));
+    let secret = key_ref_json(t.get("secret_ref"));
     let mut j = json!({
         "name": t.get("name").as_str(),
         "endpointKind": t.get("endpoint_kind").as_str(),
@@ -217,14 +297,14 @@ pub fn tier_from_value(t: &Value) -> Result<ModelTier, String> {
 }
 
 /// Serde name of an API enum value (`Deny`, `private`, ...).
-fn enum_str<T: serde::Serialize>(v: &T) -> String {
+pub(super) fn enum_str<T: serde::Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
         Ok(Json::String(s)) => s,
         _ => String::new(),
     }
 }
 
-fn nth(prior: &Value, i: usize) -> Value {
+pub(super) fn nth(prior: &Value, i: usize) -> Value {
     k::items(prior).get(i).cloned().unwrap_or_default()
 }
 
@@ -232,13 +312,11 @@ fn nth(prior: &Value, i: usize) -> Value {
 /// form of empty optional lists.
 pub fn tier_to_value(t: &ModelTier, prior: &Value) -> Value {
     let levels: Vec<String> = t.privacy_levels.iter().map(enum_str).collect();
-    let secret = match &t.secret_ref {
-        Some(s) => vec![Value::Object(BTreeMap::from([
-            ("name".into(), Value::string(s.name.as_str())),
-            ("key".into(), Value::string(s.key.as_str())),
-        ]))],
-        None => vec![],
-    };
+    let secret = key_ref_value(
+        t.secret_ref
+            .as_ref()
+            .map(|s| (s.name.as_str(), s.key.as_str())),
+    );
     Value::Object(BTreeMap::from([
         ("name".into(), Value::string(t.name.as_str())),
         (
@@ -260,7 +338,7 @@ pub fn tier_to_value(t: &ModelTier, prior: &Value) -> Value {
             k::string_list(&levels, prior.get("privacy_levels")),
         ),
         ("gpu".into(), Value::Bool(t.gpu)),
-        ("secret_ref".into(), Value::List(secret)),
+        ("secret_ref".into(), secret),
     ]))
 }
 
@@ -274,12 +352,10 @@ pub fn spec_from_value(v: &Value) -> Result<AgentPolicySpec, String> {
                 "allowed": i.get("allowed").as_bool().unwrap_or(true),
                 "requiresApproval": i.get("requires_approval").as_bool().unwrap_or(false),
                 "privacyLevels": k::strings(i.get("privacy_levels")),
-                "rateLimits": k::items(i.get("rate_limit")).iter().map(|r| json!({
-                    "scope": r.get("scope").as_str(),
-                    "requests": num(r, "requests"),
-                    "periodSeconds": num(r, "period_seconds"),
-                })).collect::<Vec<_>>(),
+                "rateLimits": rate_limits_json(i),
                 "onRateLimit": i.get("on_rate_limit").as_str().unwrap_or("Deny"),
+                "tools": agentic::tools_json(i),
+                "maxSteps": agentic::opt_num(i, "max_steps"),
             })
         })
         .collect();
@@ -297,14 +373,16 @@ pub fn spec_from_value(v: &Value) -> Result<AgentPolicySpec, String> {
             })
         })
         .collect();
-    let mut spec: AgentPolicySpec = serde_json::from_value(json!({
+    let mut j = json!({
         "suspend": v.get("suspend").as_bool().unwrap_or(false),
         "intents": intents,
         "unlistedIntents": v.get("unlisted_intents").as_str().unwrap_or("Deny"),
         "budgets": budgets,
         "approvers": k::strings(v.get("approvers")),
-    }))
-    .map_err(|e| format!("policy spec: {e}"))?;
+    });
+    agentic::insert_json(v, &mut j);
+    let mut spec: AgentPolicySpec =
+        serde_json::from_value(j).map_err(|e| format!("policy spec: {e}"))?;
     spec.models = models;
     Ok(spec)
 }
@@ -327,20 +405,6 @@ pub fn spec_to_value(spec: &AgentPolicySpec, s: &mut Value, prior: &Value) {
         .map(|(i, r)| {
             let p = nth(prior.get("intent"), i);
             let levels: Vec<String> = r.privacy_levels.iter().map(enum_str).collect();
-            let limits = r
-                .rate_limits
-                .iter()
-                .map(|l| {
-                    Value::Object(BTreeMap::from([
-                        ("scope".into(), Value::string(enum_str(&l.scope))),
-                        ("requests".into(), Value::int(i64::from(l.requests))),
-                        (
-                            "period_seconds".into(),
-                            Value::int(i64::from(l.period_seconds)),
-                        ),
-                    ]))
-                })
-                .collect();
             Value::Object(BTreeMap::from([
                 ("type".into(), Value::string(r.kind.as_str())),
                 ("allowed".into(), Value::Bool(r.allowed)),
@@ -353,7 +417,9 @@ pub fn spec_to_value(spec: &AgentPolicySpec, s: &mut Value, prior: &Value) {
                     "on_rate_limit".into(),
                     Value::string(enum_str(&r.on_rate_limit)),
                 ),
-                ("rate_limit".into(), Value::List(limits)),
+                ("rate_limit".into(), rate_limits_value(&r.rate_limits)),
+                ("tool".into(), agentic::tools_value(&r.tools)),
+                ("max_steps".into(), agentic::opt_int(r.max_steps)),
             ]))
         })
         .collect();
@@ -377,6 +443,7 @@ pub fn spec_to_value(spec: &AgentPolicySpec, s: &mut Value, prior: &Value) {
         })
         .collect();
     s.set("budget", Value::List(budgets));
+    agentic::write_values(spec, s, prior);
 }
 
 /// The AgentPolicy object applied for a planned value.
@@ -489,6 +556,7 @@ impl Resource<ProviderData> for AgentPolicy {
             &AttrPath::attr("model"),
             diags,
         );
+        agentic::validate(config, diags);
     }
 
     fn modify_plan(
@@ -555,14 +623,123 @@ impl Resource<ProviderData> for AgentPolicy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn obj(pairs: Vec<(&str, Value)>) -> Value {
+    pub(crate) fn obj(pairs: Vec<(&str, Value)>) -> Value {
         Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     }
 
-    fn sample() -> Value {
+    fn list(items: Vec<Value>) -> Value {
+        Value::List(items)
+    }
+
+    fn key_ref(name: &str, key: &str) -> Value {
+        list(vec![obj(vec![
+            ("name", Value::string(name)),
+            ("key", Value::string(key)),
+        ])])
+    }
+
+    fn named(name: &str, value: Option<&str>, secret: Option<(&str, &str)>) -> Value {
+        obj(vec![
+            ("name", Value::string(name)),
+            ("value", Value::opt_string(value)),
+            (
+                "secret_ref",
+                secret.map_or(list(vec![]), |(n, k)| key_ref(n, k)),
+            ),
+        ])
+    }
+
+    /// Every agentic block set, as Terraform plans them (absent blocks as `[]`).
+    fn agentic() -> Vec<(&'static str, Value)> {
+        let stdio = obj(vec![
+            ("name", Value::string("files")),
+            (
+                "stdio",
+                list(vec![obj(vec![
+                    ("command", Value::string("npx")),
+                    (
+                        "args",
+                        list(vec![
+                            Value::string("-y"),
+                            Value::string("server-everything"),
+                        ]),
+                    ),
+                    (
+                        "env",
+                        list(vec![
+                            named("TOKEN", None, Some(("mcp", "token"))),
+                            named("LOG", Some("debug"), None),
+                        ]),
+                    ),
+                ])]),
+            ),
+            ("http", list(vec![])),
+            ("call_timeout_seconds", Value::int(30)),
+            ("max_result_bytes", Value::int(1 << 20)),
+            ("max_tools", Value::int(256)),
+        ]);
+        let http = obj(vec![
+            ("name", Value::string("search")),
+            ("stdio", list(vec![])),
+            (
+                "http",
+                list(vec![obj(vec![
+                    ("url", Value::string("https://search.example.com/mcp")),
+                    (
+                        "header",
+                        list(vec![named(
+                            "Authorization",
+                            None,
+                            Some(("search", "bearer")),
+                        )]),
+                    ),
+                ])]),
+            ),
+            ("call_timeout_seconds", Value::int(5)),
+            ("max_result_bytes", Value::int(65536)),
+            ("max_tools", Value::int(8)),
+        ]);
+        let breaker = obj(vec![
+            ("window_seconds", Value::int(300)),
+            ("failures", Value::int(5)),
+            ("failure_percent", Value::Null),
+            ("spend_micros", Value::int(1_000_000)),
+            ("min_tasks", Value::int(5)),
+        ]);
+        let rego = obj(vec![
+            ("query", Value::string("data.agentplane.decision")),
+            (
+                "module",
+                list(vec![
+                    obj(vec![
+                        ("name", Value::string("admission.rego")),
+                        ("inline", Value::string("package agentplane\n")),
+                        ("config_map_ref", list(vec![])),
+                    ]),
+                    obj(vec![
+                        ("name", Value::string("tools.rego")),
+                        ("inline", Value::Null),
+                        ("config_map_ref", key_ref("rego", "tools.rego")),
+                    ]),
+                ]),
+            ),
+        ]);
+        vec![
+            ("max_steps", Value::int(32)),
+            ("mcp_server", list(vec![stdio, http])),
+            ("circuit_breaker", list(vec![breaker])),
+            ("rego", list(vec![rego])),
+            (
+                "edge",
+                list(vec![obj(vec![("regulated", Value::string("local"))])]),
+            ),
+        ]
+    }
+
+    pub(crate) fn sample() -> Value {
         let limit = obj(vec![
             ("scope", Value::string("device")),
             ("requests", Value::int(10)),
@@ -577,7 +754,17 @@ mod tests {
                 Value::List(vec![Value::string("private")]),
             ),
             ("on_rate_limit", Value::string("Hold")),
-            ("rate_limit", Value::List(vec![limit])),
+            ("rate_limit", Value::List(vec![limit.clone()])),
+            ("max_steps", Value::int(8)),
+            (
+                "tool",
+                list(vec![obj(vec![
+                    ("server", Value::string("files")),
+                    ("name", Value::string("write_file")),
+                    ("requires_approval", Value::Bool(true)),
+                    ("rate_limit", list(vec![limit.clone()])),
+                ])]),
+            ),
         ]);
         let tier = obj(vec![
             ("name", Value::string("small")),
@@ -601,7 +788,8 @@ mod tests {
             ("limit_micros", Value::int(5_000_000)),
             ("period", Value::string("Day")),
         ]);
-        obj(vec![
+        let mut fields = agentic();
+        fields.extend(vec![
             ("namespace", Value::string("team-a")),
             ("name", Value::string("default")),
             ("suspend", Value::Bool(false)),
@@ -611,7 +799,8 @@ mod tests {
             ("intent", Value::List(vec![intent])),
             ("model", Value::List(vec![tier])),
             ("budget", Value::List(vec![budget])),
-        ])
+        ]);
+        obj(fields)
     }
 
     #[test]
@@ -623,6 +812,39 @@ mod tests {
         let m = manifest(&v).unwrap();
         assert_eq!(m["spec"]["unlistedIntents"], "Allow");
         assert_eq!(m["spec"]["intents"][0]["onRateLimit"], "Hold");
+        let spec_json = &m["spec"];
+        assert_eq!(spec_json["maxSteps"], 32);
+        assert_eq!(
+            spec_json["intents"][0]["tools"],
+            json!([{"server": "files", "name": "write_file", "requiresApproval": true,
+                    "rateLimits": [{"scope": "device", "requests": 10, "periodSeconds": 60}]}])
+        );
+        assert_eq!(spec_json["intents"][0]["maxSteps"], 8);
+        assert_eq!(
+            spec_json["mcpServers"][0]["stdio"],
+            json!({"command": "npx", "args": ["-y", "server-everything"], "env": [
+                {"name": "TOKEN", "secretRef": {"name": "mcp", "key": "token"}},
+                {"name": "LOG", "value": "debug"}]})
+        );
+        // Only the Secret reference is sent: no value key next to it.
+        assert_eq!(
+            spec_json["mcpServers"][1]["http"],
+            json!({"url": "https://search.example.com/mcp", "headers": [
+                {"name": "Authorization", "secretRef": {"name": "search", "key": "bearer"}}]})
+        );
+        assert_eq!(spec_json["mcpServers"][1]["callTimeoutSeconds"], 5);
+        assert_eq!(spec_json["mcpServers"][1]["maxResultBytes"], 65536);
+        assert_eq!(
+            spec_json["circuitBreaker"],
+            json!({"windowSeconds": 300, "failures": 5, "spendMicros": 1_000_000, "minTasks": 5})
+        );
+        assert_eq!(
+            spec_json["rego"],
+            json!({"query": "data.agentplane.decision", "modules": [
+                {"name": "admission.rego", "inline": "package agentplane\n"},
+                {"name": "tools.rego", "configMapRef": {"name": "rego", "key": "tools.rego"}}]})
+        );
+        assert_eq!(spec_json["edge"], json!({"regulated": "local"}));
         let mut back = v.clone();
         spec_to_value(&spec, &mut back, &v);
         assert_eq!(back, v);

@@ -1,6 +1,7 @@
 //! Resources and data sources, one file each.
 
 pub mod agent_policy;
+pub mod agent_policy_agentic;
 pub mod cluster;
 pub mod edge_device;
 pub mod gpu_node_pool;
