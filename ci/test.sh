@@ -13,7 +13,12 @@ if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
     # Incremental artefacts only pay off for edit-compile loops; in CI they just grow the cache.
     export CARGO_INCREMENTAL=0
     rm -rf "${CARGO_TARGET_DIR}/debug/incremental"
-    # Stale artefacts pile up as dependencies change; past 20 GB start the cache afresh.
+    # Superseded outputs of our own crates pile up with every change (a gigabyte or two a landing):
+    # drop all but the newest few of each. Dependency outputs pile up more slowly, as dependencies
+    # change; past 20 GB even after that, start the cache afresh.
+    if [ -d "${CARGO_TARGET_DIR}" ]; then
+        python3 ci/prune_target.py "${CARGO_TARGET_DIR}"
+    fi
     if [ -d "${CARGO_TARGET_DIR}" ] && [ "$(du -sm "${CARGO_TARGET_DIR}" | cut -f1)" -gt 20000 ]; then
         echo "==> ${CARGO_TARGET_DIR} is over 20 GB; starting it afresh"
         rm -rf "${CARGO_TARGET_DIR}"
