@@ -35,11 +35,16 @@ const CAS_ATTEMPTS: usize = 8;
 
 const KIND: &str = "AgentTaskStep";
 
+/// Task uids remembered at most (a long-running worker sees every task once; forgetting one only
+/// costs a GET the next time its plan begins a step).
+const MAX_REMEMBERED_UIDS: usize = 4096;
+
 /// The journal over one namespace's `AgentTaskStep`s.
 pub struct KubeJournal {
     steps: Api<AgentTaskStep>,
     tasks: Api<AgentTask>,
-    /// Task name -> uid, for the owner reference (a task's uid never changes).
+    /// Task name -> uid, for the owner reference (a task's uid never changes); bounded by
+    /// [`MAX_REMEMBERED_UIDS`].
     uids: Mutex<HashMap<String, String>>,
 }
 
@@ -71,10 +76,11 @@ impl KubeJournal {
                 let uid = task.metadata.uid.clone().ok_or_else(|| {
                     StoreError::Backend(format!("AgentTask {task_id} has no uid"))
                 })?;
-                self.uids
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(task_id.to_owned(), uid.clone());
+                let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+                if uids.len() >= MAX_REMEMBERED_UIDS {
+                    uids.clear();
+                }
+                uids.insert(task_id.to_owned(), uid.clone());
                 uid
             }
         };
