@@ -213,8 +213,10 @@ pub struct WorkerArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Run this one task (NAMESPACE/NAME) and exit, instead of consuming the queue: what a GPU
-    /// Job's pod runs. Exits 0 once the task is finished (by this run or before it), 1 when it
-    /// should be retried (the Job's backoffLimit retries it), 2 when there is no such task.
+    /// Job's pod runs. Exits 0 once the task is finished (by this run or before it), parked at a
+    /// plan step for an approver, or handed back because the namespace is suspended (the operator
+    /// runs the rest on a new Job), 1 when it should be retried (the Job's backoffLimit retries
+    /// it), 2 when there is no such task.
     #[arg(long, value_parser = parse_task_flag)]
     task: Option<(String, String)>,
     /// URL of the SQS task queue.
