@@ -143,6 +143,19 @@ impl Fixture {
             .await
     }
 
+    /// Waits until the model was asked for turn `turn` (0-based): the plan is inside that step.
+    async fn wait_asked(&self, turn: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.model.asked_for_turn(turn) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the model was never asked for turn {turn}\n{}",
+                self.c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn step_objects(&self, task: &str) -> Vec<AgentTaskStep> {
         let mut items = steps_api(&self.c)
             .list(&ListParams::default().labels(&format!("agentplane.dev/task={task}")))
@@ -406,15 +419,7 @@ async fn a_plan_on_the_distributed_worker_survives_a_sigkill_after_step_two_and_
     let calls = wait_for_calls(&f.log, 2).await;
     assert_eq!(calls.len(), 2);
     // Wait until the held turn was asked: the worker is inside step 5.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while f.model.asked_for_turn(2) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never asked for turn 3\n{}",
-            f.c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    f.wait_asked(2).await;
     let journaled: Vec<_> = f
         .step_objects(&id)
         .await
@@ -725,15 +730,7 @@ async fn a_gpu_plan_suspended_mid_plan_frees_its_job_and_resumes_on_a_new_one_wh
     let first = wait_for_job(&f.c, &jobs, &job_name(&id)).await;
     let pod = f.c.run_command(&pod_args(&first)).spawn().unwrap();
     wait_for_calls(&f.log, 1).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while f.model.asked_for_turn(1) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "turn 2 never asked\n{}",
-            f.c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    f.wait_asked(1).await;
     let policies: Api<AgentPolicy> = Api::namespaced(f.c.client.clone(), &f.c.namespace);
     let suspend = |on: bool| {
         let policies = policies.clone();
