@@ -164,12 +164,11 @@ fn check_size(name: &str, spec: &AgentTaskStepSpec) -> Result<(), StoreError> {
                 .unwrap_or(usize::MAX)
         })
         .unwrap_or(0);
-    let result = spec.result.as_ref().map_or(0, String::len);
-    if payload + result > MAX_STEP_TEXT_BYTES {
+    let total = payload.saturating_add(spec.result.as_ref().map_or(0, String::len));
+    if total > MAX_STEP_TEXT_BYTES {
         return Err(StoreError::Backend(format!(
-            "{KIND} {name}: {} bytes of payload and result, more than the {MAX_STEP_TEXT_BYTES} one \
-             step object holds",
-            payload + result
+            "{KIND} {name}: {total} bytes of payload and result, more than the \
+             {MAX_STEP_TEXT_BYTES} one step object holds"
         )));
     }
     Ok(())
