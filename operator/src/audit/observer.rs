@@ -489,39 +489,20 @@ mod tests {
     use super::*;
     use crate::audit::checkpoint::Ed25519Signer;
     use crate::audit::log::AuditLogConfig;
-    use agentplane_api::intent::{PrivacyLevel, RequiredResources};
-    use agentplane_api::task::{AgentTaskSpec, Approval, ApprovalDecision, DeviceRef, QueueStatus};
-    use agentplane_api::{Envelope, EnvelopeSignature};
+    use agentplane_api::task::{Approval, ApprovalDecision, QueueStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn task(version: &str, phase: TaskPhase) -> TaskRecord {
-        TaskRecord {
-            id: "t1".into(),
-            spec: AgentTaskSpec {
-                device_ref: DeviceRef {
-                    name: "kiosk".into(),
-                },
-                envelope: Envelope {
-                    payload_type: "t".into(),
-                    payload: "e30=".into(),
-                    signatures: vec![EnvelopeSignature {
-                        keyid: String::new(),
-                        sig: String::new(),
-                    }],
-                },
-                user_id: "alice".into(),
-                intent_type: "purchase".into(),
-                privacy_level: PrivacyLevel::Public,
-                required_resources: RequiredResources::default(),
-                cancel: None,
-            },
-            status: AgentTaskStatus {
+        let mut t = crate::store::test_task(
+            "t1",
+            AgentTaskStatus {
                 phase: Some(phase),
                 ..AgentTaskStatus::default()
             },
-            created_at: Timestamp::UNIX_EPOCH,
-            version: Version(version.into()),
-        }
+        );
+        t.spec.intent_type = "purchase".into();
+        t.version = Version(version.into());
+        t
     }
 
     fn with_pass(mut t: TaskRecord, receive_count: u32) -> TaskRecord {
