@@ -21,7 +21,7 @@ use agentplane::store::{Admission, NewTask, TaskRecord, TaskStore};
 use agentplane::worker::WorkerConfig;
 use agentplane_api::TaskPhase;
 use agentplane_api::device::EdgeDeviceSpec;
-use agentplane_api::policy::{CircuitBreaker, EndpointKind, ModelTier, SecretKeyRef};
+use agentplane_api::policy::{BreakerTrip, CircuitBreaker, EndpointKind, ModelTier, SecretKeyRef};
 use agentplane_api::task::AgentTaskSpec;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -171,6 +171,11 @@ async fn suspended(h: &Harness) -> bool {
     h.rt.store.get_policy().await.unwrap().unwrap().suspend
 }
 
+/// The policy's `status.lastTrip`.
+async fn last_trip(h: &Harness) -> Option<BreakerTrip> {
+    h.rt.store.policy_status().await.unwrap().unwrap().last_trip
+}
+
 /// Waits for the breaker to have acted on what it saw: it reacts to change events, so the last
 /// task's terminal event is followed by at most one policy write.
 async fn settle_until_suspended(h: &Harness) -> bool {
@@ -239,24 +244,14 @@ async fn five_failing_tasks_trip_the_breaker_and_four_do_not() {
         !settle_until_suspended(&h).await,
         "4 failures must not trip"
     );
-    assert_eq!(
-        h.rt.store.policy_status().await.unwrap().unwrap().last_trip,
-        None
-    );
+    assert_eq!(last_trip(&h).await, None);
     assert_eq!(trips_metric(&h, "failures"), None);
     assert!(breaker_leaves(&h, 0).await.is_empty());
 
     let id = submit(&h, 5).await;
     assert_eq!(wait_terminal(&h, &id).await.phase(), TaskPhase::Failed);
     assert!(settle_until_suspended(&h).await, "the fifth failure trips");
-    let trip =
-        h.rt.store
-            .policy_status()
-            .await
-            .unwrap()
-            .unwrap()
-            .last_trip
-            .expect("status.lastTrip is recorded");
+    let trip = last_trip(&h).await.expect("status.lastTrip is recorded");
     assert_eq!((trip.tasks, trip.failures), (5, 5));
     assert!(
         trip.reason
@@ -291,15 +286,7 @@ async fn five_failing_tasks_trip_the_breaker_and_four_do_not() {
     assert_eq!(wait_terminal(&h, &held).await.phase(), TaskPhase::Failed);
     assert!(!settle_until_suspended(&h).await);
     assert_eq!(trips_metric(&h, "failures"), Some(1));
-    assert!(
-        h.rt.store
-            .policy_status()
-            .await
-            .unwrap()
-            .unwrap()
-            .last_trip
-            .is_some()
-    );
+    assert!(last_trip(&h).await.is_some());
     h.rt.stop().await;
 }
 
@@ -328,14 +315,7 @@ async fn spend_over_the_window_limit_trips_the_breaker() {
     let id = submit(&h, 3).await;
     assert_eq!(wait_terminal(&h, &id).await.phase(), TaskPhase::Succeeded);
     assert!(settle_until_suspended(&h).await, "75 micros trip");
-    let trip =
-        h.rt.store
-            .policy_status()
-            .await
-            .unwrap()
-            .unwrap()
-            .last_trip
-            .unwrap();
+    let trip = last_trip(&h).await.unwrap();
     assert_eq!(trip.spend_micros, 3 * COST_PER_TASK);
     assert_eq!(trip.failures, 0);
     assert!(
