@@ -226,6 +226,31 @@ impl Fixture {
     }
 }
 
+/// Runs one task on a runtime whose policy offers server-everything's `get-sum` and `echo` (reached
+/// through `everything`) on the scripted model speaking `kind`; it must succeed.
+async fn run_everything_plan(
+    dir: &Path,
+    kind: EndpointKind,
+    model: &ModelServer,
+    everything: McpServer,
+    prompt: &str,
+) -> (Embedded, String, TaskRecord) {
+    let p = policy(
+        kind,
+        &model.base,
+        vec![everything],
+        vec![
+            tool("everything", "get-sum", false),
+            tool("everything", "echo", false),
+        ],
+    );
+    let (rt, device) = start(dir, p).await;
+    let id = submit(&*rt.store, &device, 1, prompt).await;
+    let t = finished(&*rt.store, &id).await;
+    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+    (rt, id, t)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
@@ -245,19 +270,15 @@ async fn a_three_tool_plan_over_server_everything_succeeds_with_the_results_in_t
     ])
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let p = policy(
+    let everything_stdio = server("everything", everything(), vec!["stdio".into()]);
+    let (rt, id, t) = run_everything_plan(
+        dir.path(),
         EndpointKind::Openai,
-        &model.base,
-        vec![server("everything", everything(), vec!["stdio".into()])],
-        vec![
-            tool("everything", "get-sum", false),
-            tool("everything", "echo", false),
-        ],
-    );
-    let (rt, device) = start(dir.path(), p).await;
-    let id = submit(&*rt.store, &device, 1, "add and echo").await;
-    let t = finished(&*rt.store, &id).await;
-    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+        &model,
+        everything_stdio,
+        "add and echo",
+    )
+    .await;
     let answer = t.status.result.clone().unwrap();
     assert!(
         answer.contains("42") && answer.contains("hello plan") && answer.contains("second turn"),
@@ -341,19 +362,14 @@ async fn a_three_tool_plan_over_streamable_http_succeeds_with_the_results_in_the
         url: format!("http://127.0.0.1:{port}/mcp"),
         headers: vec![],
     });
-    let p = policy(
+    let (rt, _id, t) = run_everything_plan(
+        dir.path(),
         EndpointKind::Anthropic,
-        &model.base,
-        vec![everything_http],
-        vec![
-            tool("everything", "get-sum", false),
-            tool("everything", "echo", false),
-        ],
-    );
-    let (rt, device) = start(dir.path(), p).await;
-    let id = submit(&*rt.store, &device, 1, "add and echo over http").await;
-    let t = finished(&*rt.store, &id).await;
-    assert_eq!(t.phase(), TaskPhase::Succeeded, "{:?}", t.status.reason);
+        &model,
+        everything_http,
+        "add and echo over http",
+    )
+    .await;
     let answer = t.status.result.clone().unwrap();
     assert!(
         answer.contains("42") && answer.contains("over http") && answer.contains("turn two"),
