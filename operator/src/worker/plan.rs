@@ -290,7 +290,8 @@ impl PlanRun<'_> {
         let Some(task) = store.get_task(&self.task.id).await? else {
             return Err(Stop::Settle);
         };
-        if task.phase().is_terminal() || task.phase() != TaskPhase::Running {
+        // Finished, parked or handed back elsewhere: not this attempt's to run any more.
+        if task.phase() != TaskPhase::Running {
             return Err(Stop::Settle);
         }
         if task.spec.cancel_requested() {
